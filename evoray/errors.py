@@ -1,0 +1,119 @@
+"""The typed error tree.
+
+Errors are mapped at the boundary where they arise (config loading, input reading, provider
+calls), stay picklable because they cross Ray process boundaries, and only become exit codes in
+the CLI (:data:`EXIT_CODES`). Messages tell the user what to do. No message ever contains an API
+key: provider errors carry provider name, model and status only.
+"""
+
+from __future__ import annotations
+
+
+class EvorayError(Exception):
+    """Base class. ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):  # keep picklable for subclasses with extra fields
+        return (self.__class__._rebuild, (self.__class__, self.__dict__.copy()))
+
+    @staticmethod
+    def _rebuild(cls, state):
+        obj = cls.__new__(cls)
+        Exception.__init__(obj, state.get("message", ""))
+        obj.__dict__.update(state)
+        return obj
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(EvorayError):
+    """Bad usage, config or input: exit code 2."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file or override is wrong. The message names the key (and file)."""
+
+
+class InputError(UsageError):
+    """A data file is wrong. ``where`` is ``file:line`` or ``file[record N]``."""
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+        self.reason = message
+
+
+class MissingKeyError(UsageError):
+    """A provider needs a key that is not set."""
+
+    def __init__(self, provider: str, env_var: str):
+        super().__init__(
+            f"provider '{provider}' has no API key: set {env_var} "
+            f"(or point the provider at another variable with api_key_env, or use kind: local)"
+        )
+        self.provider = provider
+        self.env_var = env_var
+
+
+class BudgetExceeded(EvorayError):
+    """The job's spend reached ``budget_usd``: exit code 3, finished rows are kept."""
+
+    exit_code = 3
+
+
+class ProviderError(EvorayError):
+    """A call to a provider failed.
+
+    ``status`` is the HTTP status when there was one (None for timeouts and connection errors),
+    ``retryable`` says whether the retry layer may try again, ``retry_after`` is the advised wait
+    in seconds from ``Retry-After`` / ``retry-after-ms`` when the server sent one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "?",
+        model: str = "?",
+        status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        kind: str = "error",
+    ):
+        where = f"provider '{provider}' (model {model})"
+        st = f" status {status}" if status is not None else ""
+        super().__init__(f"{where}{st}: {message}")
+        self.provider = provider
+        self.model = model
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.kind = kind  # "rate_limit", "server", "timeout", "connection", "malformed", "client"
+
+
+class RetriesExhausted(EvorayError):
+    """Every attempt failed; ``last`` is the last cause."""
+
+    def __init__(self, attempts: int, last: BaseException | None):
+        super().__init__(f"gave up after {attempts} attempt(s); last error: {last}")
+        self.attempts = attempts
+        self.last = str(last) if last is not None else None
+
+
+class ParseError(EvorayError):
+    """A model reply could not be parsed into what was asked for (kept with the raw text)."""
+
+    def __init__(self, message: str, raw: str = ""):
+        super().__init__(message)
+        self.raw = raw
+
+
+EXIT_CODES = {"ok": 0, "failed": 1, "usage": 2, "budget": 3}

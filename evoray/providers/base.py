@@ -1,0 +1,143 @@
+"""The one provider seam.
+
+A provider turns a :class:`Request` into a :class:`Completion` with one async method,
+``complete``. It states what it can do as class attributes (``kind``, ``supports_json_schema``,
+``needs_key``). Provider-specific code lives only in the modules of this package; everything else
+talks to :class:`Provider`.
+
+Providers do not retry, limit or cache: one retry layer, one limiter and one cache sit above them
+in :mod:`evoray.client`. They map every failure to :class:`~evoray.errors.ProviderError` with
+``retryable`` set from the explicit list in :func:`classify_status`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+from ..config import ProviderConfig
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass
+class Request:
+    """What a caller asks for. Only these fields change the answer (and so the cache key)."""
+
+    messages: list[dict[str, str]]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    seed: int | None = None
+    json_schema: dict[str, Any] | None = None
+    sample_index: int = 0  # keeps m samples at temperature > 0 distinct in the cache
+
+    def system(self) -> str | None:
+        parts = [m["content"] for m in self.messages if m["role"] == "system"]
+        return "\n\n".join(parts) if parts else None
+
+    def non_system(self) -> list[dict[str, str]]:
+        return [m for m in self.messages if m["role"] != "system"]
+
+    def prompt_chars(self) -> int:
+        return sum(len(m["content"]) for m in self.messages)
+
+    def estimate_input_tokens(self) -> int:
+        """Rough input tokens before the call: ~4 characters a token plus per-message framing."""
+        return self.prompt_chars() // 4 + 4 * len(self.messages) + 4
+
+    def cache_payload(self) -> dict[str, Any]:
+        d = asdict(self)
+        return d
+
+
+@dataclass
+class Completion:
+    text: str
+    parsed: Any = None  # JSON value when a schema was asked and the reply parsed
+    input_tokens: int = 0
+    output_tokens: int = 0
+    provider: str = ""
+    model: str = ""
+    latency_s: float = 0.0
+    cached: bool = False
+    attempts: int = 1
+    finish_reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Completion":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def parse_json_reply(text: str) -> Any:
+    """Parse a JSON reply, tolerating a fenced block or text around one object; None if none."""
+    t = text.strip()
+    if t.startswith("```"):
+        t = t.strip("`")
+        if t.lower().startswith("json"):
+            t = t[4:]
+    try:
+        return json.loads(t)
+    except (json.JSONDecodeError, ValueError):
+        pass
+    start, end = t.find("{"), t.rfind("}")
+    if 0 <= start < end:
+        try:
+            return json.loads(t[start : end + 1])
+        except (json.JSONDecodeError, ValueError):
+            return None
+    return None
+
+
+RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+def classify_status(status: int | None) -> bool:
+    """True when a failure with this HTTP status is worth retrying (None = timeout/connection)."""
+    return status is None or status in RETRYABLE_STATUS
+
+
+def retry_after_from_headers(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds); None if absent."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        s = headers.get("retry-after")
+        if s is not None:
+            return max(0.0, float(s))
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+class Provider:
+    """Base class of every provider. Subclasses implement :meth:`complete`."""
+
+    kind: ClassVar[str] = "base"
+    supports_json_schema: ClassVar[bool] = False
+    needs_key: ClassVar[bool] = True
+
+    def __init__(self, config: ProviderConfig):
+        self.config = config
+        self.name = config.name
+        self.model = config.model
+
+    async def complete(self, request: Request) -> Completion:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        return None
+
+    def __repr__(self) -> str:  # never show keys
+        return f"<{type(self).__name__} {self.name} model={self.model}>"
