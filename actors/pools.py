@@ -1,0 +1,92 @@
+"""Pool actors over Ray Datasets: the rater, evolver, answer and judge pools.
+
+:class:`StageUDF` is the callable class handed to ``Dataset.map_batches``; Ray Data runs it as a
+pool of actors (``concurrency`` = pool size, ``num_cpus`` small because they wait on the network).
+Its ``__call__`` is an async generator, so Ray Data feeds an actor several batches at once and the
+rows of all of them run concurrently on the actor's event loop, bounded by ``actor_concurrency``.
+
+The work itself is plain core code (``evoray.rating.Rater``, ``evoray.evolution.evolver.Evolver``,
+``evoray.judge.Judge`` …) chosen by stage name through :data:`STAGE_WORKERS`; the UDF only builds
+clients inside the actor (configs cross Ray, live clients never do), turns batches into row dicts
+and back, and ships the ledger to the job's gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator
+
+import pyarrow as pa
+
+from evoray.config import JobConfig
+from evoray.errors import BudgetExceeded
+from evoray.schema import RESULT_SCHEMA, result_row
+from evoray.workers import lookup
+
+def gate_name(job_id: str) -> str:
+    return f"evoray-gate-{job_id}"
+
+
+def replica_name(job_id: str, provider: str, i: int) -> str:
+    return f"evoray-local-{job_id}-{provider}-{i}"
+
+
+def worker_context(config_json: str, job_id: str, roles: list[str]):
+    """Inside an actor: the clients for these roles, wired to the job's gate and local replicas."""
+    import ray
+
+    from actors.gate import RayGate
+    from evoray.runtime import build_clients
+
+    config = JobConfig.model_validate_json(config_json)
+    gate = RayGate(ray.get_actor(gate_name(job_id)))
+    replicas = {
+        p.name: [ray.get_actor(replica_name(job_id, p.name, i)) for i in range(p.replicas)]
+        for p in config.providers
+        if p.kind == "local"
+    }
+    return config, build_clients(config, roles, gate, replicas)
+
+
+class StageUDF:
+    def __init__(self, stage: str, config_json: str, job_id: str, extra: dict | None = None):
+        import ray
+
+        roles, factory = lookup(stage)
+        self.stage = stage
+        self.config, self.clients = worker_context(config_json, job_id, roles)
+        self.work = factory(self.config, self.clients, extra or {})
+        self.schema = getattr(self.work, "schema", None) or OUT_SCHEMA
+        self.sem: asyncio.Semaphore | None = None
+        self.concurrency = self.config.ray.actor_concurrency
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.actor_id = ray.get_runtime_context().get_actor_id() or "?"
+
+    async def _one(self, row: dict) -> dict:
+        assert self.sem is not None
+        async with self.sem:
+            try:
+                out = await self.work(row)
+            except BudgetExceeded:
+                out = result_row(row, status="failed", reason="budget_exceeded: the job's budget was reached before this row")
+            meta_extra = {"node_id": self.node_id, "actor_id": self.actor_id}
+            out.setdefault("_worker", json.dumps(meta_extra))
+            return out
+
+    async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
+        if self.sem is None:
+            self.sem = asyncio.Semaphore(self.concurrency)
+        rows = batch.to_pylist()
+        results = await asyncio.gather(*(self._one(r) for r in rows))
+        for c in self.clients.values():
+            await c.flush(force=True)
+        yield rows_to_table(results, self.schema)
+
+
+OUT_SCHEMA = RESULT_SCHEMA.append(pa.field("_worker", pa.string()))
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema = OUT_SCHEMA) -> pa.Table:
+    cols = {f.name: [r.get(f.name) for r in rows] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)

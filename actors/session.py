@@ -1,0 +1,152 @@
+"""The driver's Ray session for one job: connect or start Ray, the gate, the local replicas, pools.
+
+``RaySession(config, address)``:
+
+* connects to ``address`` (``--address``, ``ray.address`` or ``RAY_ADDRESS``) or starts a local
+  Ray for the job (``ray.num_cpus`` CPUs); an already initialised Ray (tests) is reused;
+* creates the job's named :class:`actors.gate.GateActor` (rate limits, failover, ledger, budget);
+* starts the local-model replicas that the job's roles need (whole CPUs each);
+* ``run_pool(stage, rows_ds, n_actors)`` streams a Dataset through a pool of
+  :class:`actors.pools.StageUDF` actors and yields result batches as they finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Iterator
+
+import pyarrow as pa
+
+from evoray.config import JobConfig
+
+log = logging.getLogger("evoray")
+
+
+def resolve_address(cli_address: str | None, config: JobConfig) -> str | None:
+    return cli_address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = dict(namespace="evoray", log_to_driver=True, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    try:
+        ctx.print_on_execution_start = False
+    except Exception:
+        pass
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+class RaySession:
+    def __init__(self, config: JobConfig, address: str | None = None, roles: list[str] | None = None,
+                 job_id: str | None = None):
+        import ray
+
+        from actors.gate import GateActor
+        from actors.pools import gate_name
+
+        self.config = config
+        init_ray(resolve_address(address, config), config.ray.num_cpus)
+        self.job_id = job_id or uuid.uuid4().hex[:12]
+        providers = [p.model_dump(mode="json") for p in config.providers]
+        self.gate = GateActor.options(name=gate_name(self.job_id), lifetime=None).remote(providers, config.budget_usd)
+        self.replicas: dict[str, list] = {}
+        self._start_replicas(roles)
+        self._config_json = config.model_dump_json()
+
+    def _start_replicas(self, roles: list[str] | None) -> None:
+        import ray
+
+        from actors.local_model import LocalModelReplica
+        from actors.pools import replica_name
+
+        needed = {p.name for r in (roles or ["rater", "evol", "optimizer", "judge", "answer"])
+                  for p in self.config.providers_for(r) if p.kind == "local"}
+        for p in self.config.providers:
+            if p.name not in needed:
+                continue
+            handles = []
+            for i in range(p.replicas):
+                threads = p.n_threads or max(1, int(p.num_cpus))
+                handles.append(
+                    LocalModelReplica.options(name=replica_name(self.job_id, p.name, i), num_cpus=p.num_cpus,
+                                              scheduling_strategy="SPREAD" if self.config.ray.spread else "DEFAULT")
+                    .remote(p.model, p.n_ctx, threads)
+                )
+            # wait for the model to load so a broken model fails here, clearly
+            ray.get([h.info.remote() for h in handles])
+            self.replicas[p.name] = handles
+
+    # ---- pools ----------------------------------------------------------------------------------
+    def run_pool(self, stage: str, ds, n_actors: int, extra: dict | None = None) -> Iterator[pa.Table]:
+        from actors.pools import StageUDF
+
+        cfg = self.config.ray
+        remote_args = {}
+        if cfg.spread:
+            remote_args["scheduling_strategy"] = "SPREAD"
+        out = ds.map_batches(
+            StageUDF,
+            fn_constructor_kwargs=dict(stage=stage, config_json=self._config_json, job_id=self.job_id, extra=extra or {}),
+            concurrency=n_actors,
+            num_cpus=cfg.actor_num_cpus,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            **remote_args,
+        )
+        for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            yield batch
+
+    def dataset_from_rows(self, rows: list[dict]):
+        import ray
+
+        from evoray.schema import ROW_FIELDS, ROW_SCHEMA
+
+        table = pa.Table.from_pydict({n: [r.get(n) for r in rows] for n, _ in ROW_FIELDS}, schema=ROW_SCHEMA)
+        return ray.data.from_arrow(table)
+
+    def dataset_from_parquet(self, path: str):
+        import ray
+
+        return ray.data.read_parquet(path)
+
+    # ---- job state ----------------------------------------------------------------------------------
+    def ledger(self) -> dict:
+        import ray
+
+        return ray.get(self.gate.ledger.remote())
+
+    def gate_status(self) -> dict:
+        import ray
+
+        return ray.get(self.gate.status.remote())
+
+    def close(self) -> None:
+        import ray
+
+        for hs in self.replicas.values():
+            for h in hs:
+                try:
+                    ray.kill(h)
+                except Exception:
+                    pass
+        try:
+            ray.kill(self.gate)
+        except Exception:
+            pass

@@ -1,0 +1,137 @@
+"""The ``evoray`` command line (see INTERFACE.md for the surface).
+
+Errors become exit codes only here: 0 done, 1 the job failed, 2 bad usage / config / input (the
+message names the file and line or the config key), 3 stopped at the budget cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import BudgetExceeded, EvorayError, UsageError
+
+JOB_COMMANDS = ("rate", "judge", "answer", "evolve", "optimize", "run", "estimate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors exit 2 too, with our prefix
+        self.print_usage(sys.stderr)
+        print(f"evoray: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _job_args(p: argparse.ArgumentParser, with_input: bool = True) -> None:
+    p.add_argument("config", help="job config YAML")
+    if with_input:
+        p.add_argument("-i", "--input", help="input data (overrides input.path)")
+    p.add_argument("-o", "--output", help="output folder (overrides output.dir)")
+    p.add_argument("--address", help="Ray cluster address; none = a local Ray started for the job")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the estimate and send nothing")
+    p.add_argument("--quiet", action="store_true", help="print only errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="evoray", description="Curate instruction-tuning data with LLMs on Ray.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("ingest", help="read data into canonical rows")
+    p.add_argument("sources", nargs="+", help="input files")
+    p.add_argument("-o", "--output", required=True, help="OUT.parquet or OUT.jsonl")
+    p.add_argument("--format", default="auto", choices=["auto", "alpaca", "jsonl", "sharegpt", "gsm8k", "parquet"])
+    p.add_argument("--map", default=None, help="instruction=FIELD,input=FIELD,output=FIELD")
+    p.add_argument("--skip-invalid", action="store_true", help="send bad rows to OUT's quarantine file")
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N valid rows")
+    p.add_argument("--quiet", action="store_true")
+
+    for name, helptext in [("rate", "AlpaGasus rating and filtering"), ("answer", "answer instructions with a provider"),
+                           ("evolve", "evolve instructions with one method"), ("optimize", "Auto Evol-Instruct loop")]:
+        p = sub.add_parser(name, help=helptext)
+        _job_args(p)
+        if name == "evolve":
+            p.add_argument("--method", help="method file (e.g. best_method.txt) or built-in name")
+    p = sub.add_parser("judge", help="pairwise judge with the answer order swapped")
+    _job_args(p, with_input=False)
+    p = sub.add_parser("run", help="the stages under pipeline:, in order")
+    _job_args(p)
+    p = sub.add_parser("estimate", help="requests, tokens and dollars per stage; sends nothing")
+    _job_args(p)
+    p = sub.add_parser("report", help="write OUTDIR/report.html")
+    p.add_argument("outdir")
+    p = sub.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs API)")
+    p.add_argument("config", nargs="?", help="job config YAML")
+    p.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (or RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the logs and exit with the job's status")
+    p.add_argument("--pass-env", action="append", default=[], metavar="VAR",
+                   help="pass this environment variable (e.g. OPENAI_API_KEY) to the job; never printed")
+    p.add_argument("--status", metavar="JOB_ID", help="print a job's status")
+    p.add_argument("--stop", metavar="JOB_ID", help="stop a job")
+    p.add_argument("--logs", metavar="JOB_ID", help="print a job's logs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.add_argument("-o", "--output", help="output folder on the cluster")
+    p.add_argument("--working-dir", help="folder to ship as the job's working_dir (default: the config's folder)")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    return ap
+
+
+def _setup_logging(quiet: bool) -> None:
+    from .secrets import install_log_redaction
+
+    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    install_log_redaction()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        return _dispatch(args)
+    except BudgetExceeded as e:
+        print(f"evoray: stopped at the budget cap: {e}. Every finished row is kept; "
+              f"raise budget_usd and run again to resume.", file=sys.stderr)
+        return 3
+    except UsageError as e:
+        print(f"evoray: error: {e}", file=sys.stderr)
+        return 2
+    except EvorayError as e:
+        print(f"evoray: failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("evoray: interrupted; finished stages are kept, a re-run resumes", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "ingest":
+        from .commands import cmd_ingest
+
+        return cmd_ingest(args)
+    if cmd == "report":
+        from .report import write_report
+
+        path = write_report(args.outdir)
+        print(f"report: {path}")
+        return 0
+    if cmd == "submit":
+        from cluster.submit import cmd_submit
+
+        return cmd_submit(args)
+    if cmd == "config-reference":
+        from .docs import config_reference
+
+        print(config_reference())
+        return 0
+    from .commands import cmd_job
+
+    return cmd_job(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Auto Evol-Instruct: optimizing the evolving method by failure rate (the Ray-free core).
+
+One optimization step t, with the method e(t-1):
+
+1. sample a mini-batch (``batch_size``) from the sampled rows and evolve each row
+   ``trajectory_length`` times in a row with e(t-1) (trajectories);
+2. :func:`propose_candidates`: ``candidates`` (m) independent samples of analysis (the optimizer
+   LLM reads the trajectories and writes feedback) followed by optimization (it rewrites the
+   method from that feedback), each sample with its own ``Request.sample_index`` so the response
+   cache keeps them apart; a proposal that fails (provider error, no fenced block) is recorded in
+   the history, not fatal;
+3. evaluate the candidates on the dev set (``dev_size``) - and e(t-1) itself on the first step, so
+   there is a baseline: each method evolves every dev row once, the evol LLM answers at
+   temperature 0, and a row fails when a failure rule fires or no instruction could be extracted.
+   failure rate = failed rows / dev rows (rows lost to provider errors are left out of both and
+   counted in ``errors``);
+4. the candidate with the lowest failure rate wins the step; ties go to the lower candidate index,
+   then the lower method id. If it beats the best rate so far it becomes the method of the next
+   step, otherwise e(t-1) stays.
+
+The loop stops after ``patience`` steps in a row without a lower failure rate, or after ``steps``
+steps.
+
+Evaluation is injectable: ``Optimizer(..., evaluate=fn)`` with ``async fn(methods, dev_rows) ->
+list[EvalResult]`` (one per method, in any order). The default, :func:`evaluate_methods`, runs all
+candidates concurrently in this event loop with ``asyncio.gather``; the Ray version plugs in
+candidate actors, each running :func:`evaluate_method`.
+
+Sampling: ``sample_size`` rows are drawn with ``random.Random(seed)``; the dev set is the first
+``dev_size`` of them and the mini-batches come from the rest, so the two are disjoint, when there
+are at least ``dev_size + batch_size`` sampled rows; otherwise the dev set is the first
+``min(dev_size, n)`` rows and mini-batches are drawn from all of them (``dev_disjoint`` False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
+
+from ..config import EvolveConfig, OptimizeConfig
+from ..errors import BudgetExceeded, InputError, ParseError, ProviderError, RetriesExhausted
+from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
+from ..providers.base import Request
+from .evolver import Evolver
+from .extract import extract_method
+from .methods import Method, load_method
+from .rules import Rule
+
+PROVIDER_ERROR = "provider_error"
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """How one method did on the dev set. Times are ``time.time()`` seconds."""
+
+    method_id: str
+    failure_rate: float
+    n: int
+    failures_by_rule: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    errors: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def failure_rate(results: Iterable[dict[str, Any]]) -> tuple[float, int, dict[str, int], int]:
+    """``(rate, n, failures_by_rule, errors)`` of evolved/failed rows from ``Evolver.evolve_row``.
+
+    A row fails when it has a rule (a failure rule or ``no_final_instruction``). Rows failed by a
+    provider error (no rule) say nothing about the method: they are counted in ``errors`` and
+    left out of ``n``. With no judged row at all the rate is 1.0 (such a method never wins).
+    """
+    n = errors = 0
+    by_rule: dict[str, int] = {}
+    for row in results:
+        if row.get("status") == "failed" and not row.get("rule"):
+            errors += 1
+            continue
+        n += 1
+        if row.get("status") == "failed":
+            by_rule[row["rule"]] = by_rule.get(row["rule"], 0) + 1
+    failed = sum(by_rule.values())
+    return (failed / n if n else 1.0), n, dict(sorted(by_rule.items())), errors
+
+
+async def evaluate_method(evol_client: Any, method: Method, dev_rows: Sequence[dict[str, Any]],
+                          evolve_config: EvolveConfig | None = None,
+                          rules: Iterable[str | Rule] | None = None) -> EvalResult:
+    """Evolve every dev row once with ``method``, let the evol LLM answer, count failures."""
+    cfg = (evolve_config or EvolveConfig()).model_copy(update={"rounds": 1, "answer": True})
+    started = time.time()
+    rows = await Evolver(evol_client, method, cfg, rules).evolve_rows(dev_rows)
+    finished = time.time()
+    rate, n, by_rule, errors = failure_rate(rows)
+    return EvalResult(method.id, rate, n, by_rule, started, finished, errors)
+
+
+async def evaluate_methods(evol_client: Any, methods: Sequence[Method], dev_rows: Sequence[dict[str, Any]],
+                           evolve_config: EvolveConfig | None = None,
+                           rules: Iterable[str | Rule] | None = None) -> list[EvalResult]:
+    """All methods evaluated concurrently (``asyncio.gather``); results in the order of ``methods``."""
+    rules = list(rules) if rules is not None else None
+    return list(await asyncio.gather(*(evaluate_method(evol_client, m, dev_rows, evolve_config, rules)
+                                       for m in methods)))
+
+
+Evaluate = Callable[[list[Method], list[dict[str, Any]]], Awaitable[list[EvalResult]]]
+
+
+# ---- proposals ---------------------------------------------------------------------------------
+
+class Proposal(NamedTuple):
+    """One analysis + optimization sample. ``method`` is None when the proposal failed (``error``)."""
+
+    feedback: str
+    method: Method | None
+    index: int
+    error: str | None = None
+
+
+async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequence[Any], m: int,
+                             temperature: float, top_p: float, *, max_tokens: int = 1024,
+                             name_prefix: str = "candidate") -> list[Proposal]:
+    """m independent analyse-then-rewrite samples, run concurrently, in index order.
+
+    Sample i sends both its requests with ``sample_index=i``. A provider error or a reply without
+    a fenced method gives a Proposal with ``method=None`` and the error; BudgetExceeded propagates.
+    """
+    traj_text = format_trajectories(list(trajectories))
+
+    async def one(i: int) -> Proposal:
+        feedback = ""
+        try:
+            a = await opt_client.complete(Request(messages=analysis_messages(method.text, traj_text),
+                                                  temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                                  sample_index=i))
+            feedback = a.text.strip()
+            o = await opt_client.complete(Request(messages=optimization_messages(method.text, feedback),
+                                                  temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                                  sample_index=i))
+            return Proposal(feedback, Method(f"{name_prefix}-{i}", extract_method(o.text)), i)
+        except BudgetExceeded:
+            raise
+        except (ProviderError, RetriesExhausted, ParseError) as e:
+            return Proposal(feedback, None, i, f"{type(e).__name__}: {e}")
+
+    return list(await asyncio.gather(*(one(i) for i in range(m))))
+
+
+def rank_candidates(scored: Iterable[tuple[int, Method, EvalResult]]) -> list[tuple[int, Method, EvalResult]]:
+    """Best first: lower failure rate, then lower candidate index, then lower method id."""
+    return sorted(scored, key=lambda c: (c[2].failure_rate, c[0], c[1].id))
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+@dataclass
+class OptimizeResult:
+    best_method: Method
+    best_failure_rate: float
+    baseline_failure_rate: float
+    initial_method: Method
+    history: list[dict[str, Any]]
+    stopped: str  # "no_improvement" | "steps"
+    dev_ids: list[str]
+    dev_disjoint: bool
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "initial_method": self.initial_method.to_dict(),
+            "baseline_failure_rate": self.baseline_failure_rate,
+            "best_method": self.best_method.to_dict(),
+            "best_failure_rate": self.best_failure_rate,
+            "stopped": self.stopped,
+            "steps_run": len(self.history),
+            "dev_size": len(self.dev_ids),
+            "dev_ids": self.dev_ids,
+            "dev_disjoint": self.dev_disjoint,
+            "steps": self.history,
+        }
+
+
+class Optimizer:
+    """The Auto Evol-Instruct loop (see the module). ``evaluate`` replaces the dev-set evaluation."""
+
+    def __init__(self, evol_client: Any, opt_client: Any, config: OptimizeConfig | None = None,
+                 evolve_config: EvolveConfig | None = None, evaluate: Evaluate | None = None, *,
+                 initial_method: Method | None = None, rules: Iterable[str | Rule] | None = None):
+        self.evol_client = evol_client
+        self.opt_client = opt_client
+        self.config = config or OptimizeConfig()
+        self.evolve_config = evolve_config or EvolveConfig()
+        self.initial_method = initial_method or load_method(self.evolve_config.method)
+        self.rules = list(rules) if rules is not None else None
+        self._evaluate = evaluate
+
+    async def evaluate(self, methods: list[Method], dev_rows: list[dict[str, Any]]) -> list[EvalResult]:
+        if self._evaluate is not None:
+            return list(await self._evaluate(methods, dev_rows))
+        return await evaluate_methods(self.evol_client, methods, dev_rows, self.evolve_config, self.rules)
+
+    def split(self, rows: Sequence[dict[str, Any]], rng: random.Random) -> tuple[list, list, bool]:
+        """(dev rows, rows mini-batches come from, disjoint?) - see the module."""
+        c = self.config
+        pool = rng.sample(list(rows), min(c.sample_size, len(rows)))
+        if len(pool) >= c.dev_size + c.batch_size:
+            return pool[: c.dev_size], pool[c.dev_size:], True
+        return pool[: c.dev_size], pool, False
+
+    async def _trajectories(self, method: Method, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        evolver = Evolver(self.evol_client, method, self.evolve_config, self.rules)
+        steps = await asyncio.gather(*(evolver.evolve_trajectory(r, self.config.trajectory_length) for r in batch))
+        return [{"seed_id": r["id"], "seed": r["instruction"], "steps": s} for r, s in zip(batch, steps)]
+
+    async def run(self, rows: Sequence[dict[str, Any]]) -> OptimizeResult:
+        c = self.config
+        rows = list(rows)
+        if not rows:
+            raise InputError("the optimizer needs at least one input row")
+        rng = random.Random(c.seed)
+        dev, train, disjoint = self.split(rows, rng)
+        current = best = self.initial_method
+        current_rate: float | None = None
+        baseline: float | None = None
+        history: list[dict[str, Any]] = []
+        stale = 0
+        stopped = "steps"
+        for t in range(1, c.steps + 1):
+            batch = rng.sample(train, min(c.batch_size, len(train)))
+            trajectories = await self._trajectories(current, batch)
+            proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
+                                                 c.temperature, c.top_p, max_tokens=c.max_tokens,
+                                                 name_prefix=f"step{t}-candidate")
+            cands = [(p.index, p.method) for p in proposals if p.method is not None]
+            to_eval: dict[str, Method] = {}
+            if current_rate is None:
+                to_eval[current.id] = current
+            for _, meth in cands:
+                to_eval.setdefault(meth.id, meth)
+            results = await self.evaluate(list(to_eval.values()), dev) if to_eval else []
+            by_id = {r.method_id: r for r in results}
+            missing = [mid for mid in to_eval if mid not in by_id]
+            if missing:
+                raise RuntimeError(f"evaluate() returned no result for method(s) {', '.join(missing)}")
+            baseline_eval = None
+            if current_rate is None:
+                baseline_eval = by_id[current.id].to_dict()
+                current_rate = baseline = by_id[current.id].failure_rate
+            step_baseline = current_rate
+            ranked = rank_candidates((i, meth, by_id[meth.id]) for i, meth in cands)
+            chosen = ranked[0] if ranked else None
+            improved = chosen is not None and chosen[2].failure_rate < current_rate
+            if improved:
+                current, current_rate, best = chosen[1], chosen[2].failure_rate, chosen[1]
+                stale = 0
+            else:
+                stale += 1
+            history.append({
+                "step": t,
+                "method_id": (history[-1]["adopted"] if history else self.initial_method.id),
+                "batch_ids": [r["id"] for r in batch],
+                "trajectories": [{"seed_id": tr["seed_id"],
+                                  "steps": [{"round": s["round"], "evolved": s["evolved"], "failed": s["failed"]}
+                                            for s in tr["steps"]]} for tr in trajectories],
+                "feedback": [p.feedback for p in proposals if p.method is not None],
+                "failed_proposals": [{"index": p.index, "feedback": p.feedback, "error": p.error}
+                                     for p in proposals if p.method is None],
+                "candidates": [{"index": i, "method_id": meth.id, "name": meth.name, "text": meth.text,
+                                "failure_rate": by_id[meth.id].failure_rate,
+                                "failures_by_rule": by_id[meth.id].failures_by_rule, "n": by_id[meth.id].n,
+                                "errors": by_id[meth.id].errors, "started_at": by_id[meth.id].started_at,
+                                "finished_at": by_id[meth.id].finished_at} for i, meth in cands],
+                "chosen": chosen[1].id if chosen else None,
+                "chosen_failure_rate": chosen[2].failure_rate if chosen else None,
+                "improved": improved,
+                "adopted": current.id,
+                "best_failure_rate": current_rate,
+                "baseline_failure_rate": step_baseline,
+                "baseline": baseline_eval,
+            })
+            if stale >= c.patience:
+                stopped = "no_improvement"
+                break
+        return OptimizeResult(best, current_rate, baseline, self.initial_method, history, stopped,
+                              [r["id"] for r in dev], disjoint)
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+
+def plot_failure_rate(result: OptimizeResult, path: str | Path) -> Path:
+    """failure_rate.png: the chosen candidate's failure rate per step (step 0 = the initial method)
+    as a line, every candidate as a point, the best rate so far dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs, ys = [0], [result.baseline_failure_rate]
+    best_x, best_y = [0], [result.baseline_failure_rate]
+    cx, cy = [], []
+    for step in result.history:
+        for cand in step["candidates"]:
+            cx.append(step["step"])
+            cy.append(cand["failure_rate"])
+        if step["chosen_failure_rate"] is not None:
+            xs.append(step["step"])
+            ys.append(step["chosen_failure_rate"])
+        best_x.append(step["step"])
+        best_y.append(step["best_failure_rate"])
+    ax.scatter(cx, cy, s=18, alpha=0.5, color="tab:gray", label="candidates")
+    ax.plot(xs, ys, marker="o", color="tab:blue", label="chosen")
+    ax.plot(best_x, best_y, linestyle="--", color="tab:green", label="best so far")
+    ax.set_xlabel("optimization step (0 = initial method)")
+    ax.set_ylabel("failure rate on the dev set")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(range(0, len(result.history) + 1))
+    ax.legend(loc="best")
+    ax.set_title("Auto Evol-Instruct: failure rate per step")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: OptimizeResult, outdir: str | Path) -> dict[str, Path]:
+    """history.json, best_method.txt (what ``load_method`` / ``evoray evolve --method`` accept) and
+    failure_rate.png in ``outdir``."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"history": out / "history.json", "best_method": out / "best_method.txt",
+             "plot": out / "failure_rate.png"}
+    paths["history"].write_text(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["best_method"].write_text(result.best_method.text, encoding="utf-8")
+    plot_failure_rate(result, paths["plot"])
+    return paths

@@ -1,0 +1,130 @@
+"""Anthropic Messages through ``anthropic.AsyncAnthropic``.
+
+System messages become the top-level ``system`` field; consecutive messages of the same role are
+merged (the API wants user/assistant turns alternating). ``seed`` is not part of the Messages API
+and is ignored; ``top_p`` is not sent, because recent Claude models accept only one of temperature
+and top_p (we send temperature). JSON schemas go through
+``output_config.format`` (structured outputs); numeric bounds are dropped from the schema since
+structured outputs do not accept them, and the reply is validated by our own parser anyway.
+SDK retries are off: :mod:`evoray.client` is the one retry layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..config import ProviderConfig
+from ..errors import ProviderError
+from .base import Completion, Provider, Request, classify_status, parse_json_reply, retry_after_from_headers
+from .openai_provider import _error_detail
+
+
+def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    s = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength"):
+                node.pop(k, None)
+            if node.get("type") == "object":
+                node.setdefault("additionalProperties", False)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(s)
+    return s
+
+
+def to_anthropic_messages(messages: list[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        role = "assistant" if m["role"] == "assistant" else "user"
+        if out and out[-1]["role"] == role:
+            out[-1] = {"role": role, "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": role, "content": m["content"]})
+    if not out or out[0]["role"] != "user":
+        out.insert(0, {"role": "user", "content": "(continue)"})
+    return system, out
+
+
+class AnthropicProvider(Provider):
+    kind = "anthropic"
+    supports_json_schema = True
+    needs_key = True
+
+    def __init__(self, config: ProviderConfig, environ: dict | None = None):
+        super().__init__(config)
+        self._key = config.api_key(environ)
+        self._client = None
+
+    def _sdk(self):
+        if self._client is None:
+            import anthropic
+
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self._key.get_secret_value(),
+                base_url=self.config.base_url or None,
+                max_retries=0,
+                timeout=self.config.timeout_s,
+            )
+        return self._client
+
+    async def complete(self, request: Request) -> Completion:
+        import anthropic
+
+        system, messages = to_anthropic_messages(request.messages)
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens,
+                                      temperature=request.temperature)
+        if system:
+            kwargs["system"] = system
+        if request.json_schema is not None:
+            kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
+        try:
+            resp = await self._sdk().messages.create(**kwargs)
+        except anthropic.APIStatusError as e:
+            status = getattr(e, "status_code", None)
+            headers = getattr(getattr(e, "response", None), "headers", None)
+            kind = "rate_limit" if status == 429 else ("server" if status and status >= 500 else "client")
+            raise ProviderError(_error_detail(getattr(e, "body", None)) or f"HTTP {status}", provider=self.name,
+                                model=self.model, status=status, retryable=classify_status(status) or status == 529,
+                                retry_after=retry_after_from_headers(headers), kind=kind) from None
+        except anthropic.APITimeoutError:
+            raise ProviderError("request timed out", provider=self.name, model=self.model, retryable=True, kind="timeout") from None
+        except anthropic.APIConnectionError:
+            raise ProviderError("connection error", provider=self.name, model=self.model, retryable=True, kind="connection") from None
+        except anthropic.APIError as e:
+            raise ProviderError(f"bad response: {type(e).__name__}", provider=self.name, model=self.model,
+                                retryable=True, kind="malformed") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise ProviderError(f"malformed response body ({type(e).__name__})", provider=self.name,
+                                model=self.model, retryable=True, kind="malformed") from None
+        blocks = getattr(resp, "content", None) or []
+        text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", "") == "text")
+        if not blocks:
+            raise ProviderError("response has no content", provider=self.name, model=self.model, retryable=True, kind="malformed")
+        usage = getattr(resp, "usage", None)
+        return Completion(
+            text=text,
+            parsed=parse_json_reply(text) if request.json_schema is not None else None,
+            input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+            provider=self.name,
+            model=getattr(resp, "model", None) or self.model,
+            finish_reason=getattr(resp, "stop_reason", None),
+        )
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            try:
+                await self._client.close()
+            except Exception:
+                pass
+            self._client = None

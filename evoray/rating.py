@@ -1,0 +1,211 @@
+"""AlpaGasus rating: parse a rater's score and rate rows with an :class:`~evoray.client.LLMClient`.
+
+The Ray-free core of the rater pool. :class:`Rater` rates one row (``await rater.rate(row)``) or a
+batch with bounded concurrency (``await rater.rate_batch(rows, concurrency)``); the Ray actor in
+``actors/`` only wraps it. Every input row gives exactly one output row, ``status`` ``scored`` or
+``failed`` (with ``reason``, ``attempts`` and the ``raw`` reply); only :class:`BudgetExceeded`
+escapes, because stopping at the budget is the job's decision, not a row's.
+
+What :func:`parse_score` accepts (and nothing else - no guessing):
+
+1. a JSON object ``{"score": x, "explanation": "..."}``: the provider's parsed value, or the reply
+   text itself when it *starts* with ``{`` or a fenced ```` ```json ```` block (a reply cut off
+   after the score still counts when ``"score"`` is its first key);
+2. the score alone on the first non-empty line: ``4.5``, ``4.5/5``, ``4.5 out of 5``, ``**4.5**``;
+3. a labelled score at the start of one of the first two non-empty lines: ``Score: 4.5``,
+   ``Rating: 4``, ``Overall score - 4.5/5``, ``Accuracy: 4``.
+
+A number outside 0..5 is not a score (``45``, ``7``, ``4.5/10``). Text further down (an
+explanation that quotes the row's own ``Score: 5``) is never looked at, and ``4.5`` is 4.5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+from .config import RateConfig
+from .errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
+from .prompts.rating import SCORE_MAX, SCORE_MIN, build_rating_request
+from .providers.base import parse_json_reply
+from .schema import result_row
+
+_NUM = r"[0-9]+(?:\.[0-9]+)?"
+_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S | re.I)
+_LEAD = re.compile(r"^[\s#>*_`]*(?:-\s+)?[\s*_`]*")
+_TRAIL = re.compile(r"[\s*_`]+$")
+_ALONE = re.compile(rf"^(?P<n>{_NUM})\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?\s*\.?$", re.I)
+_LABELLED = re.compile(
+    rf"^(?:(?:[a-z]+\s+)?(?:score|rating)|accuracy|helpfulness)\s*(?:\((?:0\s*-\s*5|out\s+of\s+5)\))?"
+    rf"\s*(?::|：|=|-|is\b)?\s*[*_`]*\s*(?P<n>{_NUM})[*_`]*"
+    rf"\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?(?P<rest>.*)$",
+    re.I,
+)
+_BAD_REST = re.compile(r"^\s*(?:[0-9/%]|\.[0-9]|out\s+of)", re.I)
+_JSON_HEAD = re.compile(rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score"\s*:\s*"?(?P<n>-?{_NUM})"?\s*[,}}]', re.I)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _clean(line: str) -> str:
+    """A line without markdown decoration around it (``**``, ``#``, a list dash, backticks)."""
+    return _TRAIL.sub("", _LEAD.sub("", line))
+
+
+def _in_range(value: Any, lo: float = SCORE_MIN, hi: float = SCORE_MAX) -> float | None:
+    """``value`` as a float when it is a real number within ``lo..hi``; None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        v = value.strip()
+        if not re.fullmatch(_NUM, v):
+            return None
+        value = float(v)
+    if not isinstance(value, (int, float)):
+        return None
+    f = float(value)
+    if not math.isfinite(f) or f < lo or f > hi:
+        return None
+    return f
+
+
+def _from_object(obj: Any, raw: str) -> tuple[float, str]:
+    if not isinstance(obj, dict) or "score" not in obj:
+        raise ParseError("the JSON reply has no score field", raw=raw)
+    score = _in_range(obj["score"])
+    if score is None:
+        raise ParseError(f"the JSON score {obj['score']!r} is not a number from 0 to 5", raw=raw)
+    expl = obj.get("explanation")
+    return score, "" if expl is None else str(expl).strip()
+
+
+def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
+    """(score, explanation) from a rater's reply, or :class:`ParseError` carrying the raw text."""
+    raw = text or ""
+    if parsed_json is not None:
+        return _from_object(parsed_json, raw)
+    body = _THINK.sub("", raw).strip()
+    if not body:
+        raise ParseError("empty reply", raw=raw)
+    if body.startswith("{") or body.startswith("```"):
+        obj = parse_json_reply(body)
+        if obj is not None:
+            return _from_object(obj, raw)
+        head = _JSON_HEAD.match(body)
+        if head:  # cut off after the score: the score itself is whole
+            score = _in_range(head.group("n"))
+            if score is None:
+                raise ParseError(f"the JSON score {head.group('n')} is not a number from 0 to 5", raw=raw)
+            return score, ""
+        if body.startswith("{"):
+            raise ParseError("the reply starts like JSON but is not a JSON object with a score", raw=raw)
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    first = _clean(lines[0])
+    m = _ALONE.match(first)
+    if m:
+        score = _in_range(m.group("n"))
+        if score is None:
+            raise ParseError(f"first line {m.group('n')} is not a score from 0 to 5", raw=raw)
+        return score, "\n".join(lines[1:]).strip()
+    for i, line in enumerate(lines[:2]):
+        m = _LABELLED.match(_clean(line))
+        if not m:
+            continue
+        if _BAD_REST.match(m.group("rest")):
+            raise ParseError(f"line {i + 1} has a score on another scale: {line.strip()!r}", raw=raw)
+        score = _in_range(m.group("n"))
+        if score is None:
+            raise ParseError(f"line {i + 1} has {m.group('n')}, not a score from 0 to 5", raw=raw)
+        after = "\n".join(lines[i + 1 :]).strip()
+        rest = m.group("rest").strip().lstrip(".,;:-–— ").strip()
+        before = "\n".join(lines[:i]).strip()
+        expl = "\n".join(p for p in (rest, after) if p) or before
+        return score, expl
+    raise ParseError("no score on the first line and no 'Score: x' in the first two lines", raw=raw)
+
+
+async def run_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], concurrency: int) -> list[R]:
+    """``[await fn(x) for x in items]`` with at most ``concurrency`` in flight, results in input order.
+
+    When one call raises, the calls still running are cancelled and the error propagates. A
+    :class:`BudgetExceeded` carries ``finished``: the results that were complete, in input order.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    sem = asyncio.Semaphore(concurrency)
+    results: list[Any] = [None] * len(items)
+    done = [False] * len(items)
+
+    async def one(i: int, item: T) -> None:
+        async with sem:
+            results[i] = await fn(item)
+            done[i] = True
+
+    tasks = [asyncio.ensure_future(one(i, x)) for i, x in enumerate(items)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException as e:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(e, BudgetExceeded):
+            e.finished = [r for r, d in zip(results, done) if d]
+        raise
+    return results
+
+
+class Rater:
+    """Rates rows with one client. Plain class: the Ray actor wraps it, tests call it directly.
+
+    ``use_schema`` asks for :data:`~evoray.prompts.rating.SCORE_SCHEMA` output; pass
+    ``config.json_scores and <the role's providers support JSON schemas>``.
+
+    ``attempts`` in an output row counts provider calls for that row: the client's retries of each
+    ask (a cached answer counts what it cost when it was made), summed over the asks.
+    """
+
+    def __init__(self, client: Any, config: RateConfig | None = None, use_schema: bool = False):
+        self.client = client
+        self.config = config or RateConfig()
+        self.use_schema = use_schema
+
+    def request(self, row: dict[str, Any], sample_index: int = 0):
+        c = self.config
+        return build_rating_request(row, c.dimension, self.use_schema, c.max_tokens, sample_index=sample_index)
+
+    async def rate(self, row: dict[str, Any]) -> dict[str, Any]:
+        """One result row: status ``scored`` (score, explanation) or ``failed`` (reason, raw)."""
+        attempts = 0
+        raw: str | None = None
+        provider = model = None
+        for ask in range(self.config.parse_retries + 1):
+            try:
+                comp = await self.client.complete(self.request(row, sample_index=ask))
+            except BudgetExceeded:
+                raise
+            except RetriesExhausted as e:
+                return result_row(row, status="failed", reason=str(e), attempts=attempts + e.attempts,
+                                  raw=raw, provider=provider, model=model, score=None, explanation=None)
+            except ProviderError as e:
+                return result_row(row, status="failed", reason=str(e), attempts=attempts + 1, raw=raw,
+                                  provider=e.provider, model=e.model, score=None, explanation=None)
+            attempts += max(1, comp.attempts or 1)
+            raw, provider, model = comp.text, comp.provider, comp.model
+            try:
+                score, explanation = parse_score(comp.text, comp.parsed)
+            except ParseError:
+                continue
+            return result_row(row, status="scored", score=score, explanation=explanation, provider=provider,
+                              model=model, reason=None, attempts=attempts, raw=raw)
+        return result_row(row, status="failed", reason="unparseable reply", attempts=attempts, raw=raw,
+                          provider=provider, model=model, score=None, explanation=None)
+
+    async def rate_batch(self, rows: Sequence[dict[str, Any]], concurrency: int = 16) -> list[dict[str, Any]]:
+        """Rate ``rows`` with at most ``concurrency`` requests in flight; output order = input order."""
+        return await run_bounded(self.rate, rows, concurrency)
+
+
+__all__ = ["Rater", "parse_score", "run_bounded"]

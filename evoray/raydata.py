@@ -1,0 +1,133 @@
+"""Ray Data helpers: canonical rows in, stage tables out.
+
+Design: input files are validated and canonicalised exactly once, in the driver, by the streaming
+readers of :mod:`evoray.io` -- that is where bad rows get their ``FILE:LINE`` in an error or go to
+the quarantine file. The result is one canonical Parquet file, which
+:func:`ray.data.read_parquet` then streams to the workers. A Parquet file that already has the
+canonical columns is used as it is (no copy). So Ray never sees a malformed row, and line numbers
+are exact (a distributed JSON reader could not give them).
+
+Ray is imported inside the functions, so importing this module stays cheap and Ray-free.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import io
+from .errors import UsageError
+from .schema import ROW_FIELDS, ROW_SCHEMA
+
+if TYPE_CHECKING:  # pragma: no cover
+    import ray.data
+
+
+def is_canonical_parquet(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a Parquet file with every canonical column."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != io.PARQUET_MAGIC:
+                return False
+        names = set(pq.read_schema(p).names)
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return {n for n, _ in ROW_FIELDS} <= names
+
+
+def canonicalize(
+    paths: list[str] | str,
+    fmt: str = "auto",
+    mapping: dict[str, str] | str | None = None,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> tuple[Path, io.IngestSummary | None]:
+    """One canonical Parquet file for ``paths``, and the ingest summary (None when reused as is).
+
+    A single canonical Parquet input (no mapping, no limit) is returned unchanged; anything else
+    is ingested into ``work_dir/input.parquet`` (``work_dir`` defaults to a new temp folder), with
+    the quarantine file beside it when ``skip_invalid``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [str(paths)]
+    paths = [str(p) for p in paths]
+    if len(paths) == 1 and not mapping and limit is None and fmt in ("auto", "parquet") and is_canonical_parquet(paths[0]):
+        return Path(paths[0]), None
+    wd = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="evoray-input-"))
+    out = wd / "input.parquet"
+    summary = io.ingest(paths, out, fmt=fmt, mapping=mapping, skip_invalid=skip_invalid, limit=limit)
+    return out, summary
+
+
+def read_dataset(
+    paths: list[str] | str,
+    fmt: str = "auto",
+    mapping: dict[str, str] | str | None = None,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    **read_parquet_kwargs: Any,
+) -> "ray.data.Dataset":
+    """A Ray Dataset of canonical rows (see the module docstring for the design).
+
+    Errors in the input are raised here, in the driver, as :class:`~evoray.errors.InputError`.
+    """
+    import ray.data
+
+    path, _ = canonicalize(paths, fmt, mapping, skip_invalid, limit, work_dir)
+    return ray.data.read_parquet(str(path), **read_parquet_kwargs)
+
+
+def write_dataset(ds: "ray.data.Dataset", dir: str | os.PathLike, name: str, fmt: str = "parquet") -> Path:
+    """Write ``ds`` with Ray's writers to the folder ``DIR/NAME`` (one file per block).
+
+    Parquet parts load with ``datasets.load_dataset("parquet", data_files="DIR/NAME/*.parquet")``,
+    JSON parts (JSON lines) with ``load_dataset("json", data_files="DIR/NAME/*.json")``. For the
+    single-file ``NAME.parquet`` / ``NAME.jsonl`` of a stage's output use :func:`write_dataset_file`.
+    """
+    if fmt not in io.TABLE_FORMATS:
+        raise UsageError(f"unknown table format '{fmt}' (use one of: {', '.join(io.TABLE_FORMATS)})")
+    folder = Path(dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if fmt == "parquet":
+        ds.write_parquet(str(folder))
+    else:
+        ds.write_json(str(folder))
+    return folder
+
+
+def write_dataset_file(
+    ds: "ray.data.Dataset",
+    dir: str | os.PathLike,
+    name: str,
+    fmt: str = "parquet",
+    schema: pa.Schema | None = ROW_SCHEMA,
+    batch_size: int = io.CHUNK_ROWS,
+) -> Path:
+    """Stream ``ds`` into one table file ``DIR/NAME.parquet`` (or ``.jsonl``), atomically.
+
+    Batches come from ``ds.iter_batches(batch_format="pyarrow")`` and go through
+    :func:`evoray.io.write_table`, so the driver holds one batch at a time. Pass
+    ``RESULT_SCHEMA`` for stage result tables.
+    """
+    path = io.table_path(dir, name, fmt)
+    batches = ds.iter_batches(batch_format="pyarrow", batch_size=batch_size)
+    io.write_table(batches, path, schema, fmt=fmt, chunk_rows=batch_size)
+    return path
+
+
+def dataset_from_rows(rows: list[dict[str, Any]], schema: pa.Schema | None = ROW_SCHEMA) -> "ray.data.Dataset":
+    """A small in-memory Dataset of rows with ``schema`` (tests, samples)."""
+    import ray.data
+
+    if schema is None:
+        return ray.data.from_arrow(pa.Table.from_pylist(rows))
+    table = pa.Table.from_pydict({f.name: [r.get(f.name) for r in rows] for f in schema}, schema=schema)
+    return ray.data.from_arrow(table)

@@ -1,0 +1,92 @@
+"""Streaming table writers for stage outputs.
+
+A :class:`TableSink` takes pyarrow batches as they come out of a pool and writes them to
+``NAME.parquet`` or ``NAME.jsonl`` under a temporary name; ``close()`` renames it into place, so a
+file with the final name is always complete and a crashed stage leaves nothing a re-run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class TableSink:
+    def __init__(self, directory: str | Path, name: str, fmt: str, schema: pa.Schema):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fmt = fmt
+        self.schema = schema
+        self.path = self.dir / f"{name}.{fmt}"
+        self.tmp = self.dir / f".{name}.{fmt}.partial"
+        self.rows = 0
+        self._pq: pq.ParquetWriter | None = None
+        self._fh = None
+        if fmt == "parquet":
+            self._pq = pq.ParquetWriter(self.tmp, schema)
+        elif fmt == "jsonl":
+            self._fh = open(self.tmp, "w", encoding="utf-8")
+        else:
+            raise ValueError(f"unknown table format '{fmt}' (parquet or jsonl)")
+
+    def write(self, table: pa.Table | pa.RecordBatch | list[dict]) -> None:
+        if isinstance(table, list):
+            if not table:
+                return
+            table = pa.Table.from_pydict({f.name: [r.get(f.name) for r in table] for f in self.schema}, schema=self.schema)
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if table.num_rows == 0:
+            return
+        table = table.select([f.name for f in self.schema]).cast(self.schema)
+        self.rows += table.num_rows
+        if self._pq is not None:
+            self._pq.write_table(table)
+        else:
+            for row in table.to_pylist():
+                self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self) -> Path:
+        if self._pq is not None:
+            self._pq.close()
+            self._pq = None
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            if self._pq is not None:
+                self._pq.close()
+            if self._fh is not None:
+                self._fh.close()
+        finally:
+            self._pq = self._fh = None
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+def read_any(path: str | Path) -> pa.Table:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return pa.Table.from_pylist(rows)
+
+
+def find_table(directory: str | Path, name: str) -> Path | None:
+    for fmt in ("parquet", "jsonl"):
+        p = Path(directory) / f"{name}.{fmt}"
+        if p.exists():
+            return p
+    return None
