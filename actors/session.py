@@ -95,16 +95,20 @@ class RaySession:
 
     # ---- pools ----------------------------------------------------------------------------------
     def run_pool(self, stage: str, ds, n_actors: int, extra: dict | None = None) -> Iterator[pa.Table]:
+        import ray
+
         from actors.pools import StageUDF
 
         cfg = self.config.ray
         remote_args = {}
         if cfg.spread:
             remote_args["scheduling_strategy"] = "SPREAD"
+        # small blocks, so every actor of the pool gets work from a single input file
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
         out = ds.map_batches(
             StageUDF,
             fn_constructor_kwargs=dict(stage=stage, config_json=self._config_json, job_id=self.job_id, extra=extra or {}),
-            concurrency=n_actors,
+            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=4),
             num_cpus=cfg.actor_num_cpus,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",

@@ -72,7 +72,8 @@ class StageProgress:
             print(f"[{self.stage}] {self.done}/{total} rows  {self._info()}", file=self.stream, flush=True)
 
     def close(self) -> None:
-        self.update(force=True)
+        if self._last < time.monotonic() - 0.2:
+            self.update(force=True)
         if self._live is not None:
             self._live.stop()
             self._live = None

@@ -3,7 +3,8 @@
 System messages become the top-level ``system`` field; consecutive messages of the same role are
 merged (the API wants user/assistant turns alternating). ``seed`` is not part of the Messages API
 and is ignored; ``top_p`` is not sent, because recent Claude models accept only one of temperature
-and top_p (we send temperature). JSON schemas go through
+and top_p (we send temperature, when the installed SDK still accepts it: anthropic 2.x removed the
+sampling parameters from ``messages.create``, and passing one raises ``TypeError``). JSON schemas go through
 ``output_config.format`` (structured outputs); numeric bounds are dropped from the schema since
 structured outputs do not accept them, and the reply is validated by our own parser anyway.
 SDK retries are off: :mod:`evoray.client` is the one retry layer.
@@ -37,6 +38,22 @@ def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
     walk(s)
     return s
+
+
+_CREATE_PARAMS: frozenset[str] | None = None
+
+
+def _create_params(messages_resource) -> frozenset[str]:
+    """The keyword arguments the installed SDK's ``messages.create`` accepts (read once)."""
+    global _CREATE_PARAMS
+    if _CREATE_PARAMS is None:
+        import inspect
+
+        try:
+            _CREATE_PARAMS = frozenset(inspect.signature(messages_resource.create).parameters)
+        except (TypeError, ValueError):
+            _CREATE_PARAMS = frozenset({"temperature"})
+    return _CREATE_PARAMS
 
 
 def to_anthropic_messages(messages: list[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
@@ -81,8 +98,9 @@ class AnthropicProvider(Provider):
         import anthropic
 
         system, messages = to_anthropic_messages(request.messages)
-        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens,
-                                      temperature=request.temperature)
+        kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens)
+        if "temperature" in _create_params(self._sdk().messages):
+            kwargs["temperature"] = request.temperature
         if system:
             kwargs["system"] = system
         if request.json_schema is not None:

@@ -1,0 +1,544 @@
+"""What a job will cost before it runs: requests, input and output tokens and dollars per stage.
+
+``evoray estimate CONFIG`` and ``--dry-run`` print :func:`format_estimate` of :func:`estimate`.
+Nothing is sent and no Ray is started: the input rows are read with :func:`evoray.io.iter_rows`
+(``input.limit`` respected), the real prompt builders render the prompts of a sample of rows, and
+the tokens of those prompts are counted here.
+
+Input tokens
+    The prompts of up to :data:`SAMPLE_ROWS` rows (a seeded reservoir sample of the input) are
+    built with the same builders the stages use (:func:`~evoray.prompts.rating.build_rating_request`,
+    :func:`~evoray.evolution.methods.render`, :func:`~evoray.prompts.evolution.answer_messages`,
+    :func:`~evoray.answer.answer_request`, the optimizer's analysis and optimization messages,
+    :func:`~evoray.prompts.judge.build_judge_request`); the mean per row is scaled to all rows.
+    So the estimate follows the prompts when they change.
+
+Counting tokens
+    OpenAI models (``kind: openai`` and a model name tiktoken knows) are counted with tiktoken,
+    but only when the model's encoding file is already in tiktoken's cache: tiktoken downloads
+    encodings on first use, and the estimate must send nothing (and must not hang without a
+    network). Everything else - Anthropic, local models, OpenAI-compatible servers with other
+    model names, or an encoding that is not cached - uses the approximation
+    ``len(text) / 4`` tokens per message plus :data:`TOKENS_PER_MESSAGE` (4) for the message
+    framing. The table names the counter used for each line.
+
+Output tokens
+    Replies are not known in advance: each call is assumed to produce
+    :data:`OUTPUT_FRACTION` (0.5) of its ``max_tokens``. Text a stage passes on (an evolved
+    instruction, an answer, feedback) is assumed to be that long too.
+
+Requests per stage (``n`` = rows entering the stage)
+    * rate: ``n`` (parse retries are assumed not to happen: a lower bound if replies do not parse);
+    * evolve: ``n * rounds`` evolutions, plus ``n`` answers when ``evolve.answer``, plus
+      ``n * rounds`` equality checks when ``evolve.equality_check``;
+    * answer: ``n``;
+    * optimize (an upper bound: every one of ``steps`` steps runs, patience never stops early):
+      per step ``batch * trajectory_length`` evolutions (and as many answers when
+      ``evolve.answer``), ``2 * candidates`` optimizer calls (analysis + optimization) and
+      ``candidates * dev * 2`` dev-set calls (evolve + answer); plus ``dev * 2`` once for the
+      baseline. ``batch`` and ``dev`` are capped by the rows sampled, as the optimizer does;
+    * judge: ``2 * pairs`` (both orders), pairs matched from ``judge.answers_a`` / ``answers_b``.
+
+    A stage that consumes an earlier pipeline stage's output uses that stage's row count (every
+    row that enters a stage leaves it, so the count is carried on; for rate's kept rows it is an
+    upper bound), and its sample rows get an ``output`` of the expected answer length.
+
+Dollars
+    ``(input_tokens * input_per_mtok + output_tokens * output_per_mtok) / 1e6`` with the prices of
+    the providers serving the call's role (``roles:``; optimize uses ``evol`` and ``optimizer``).
+    With several providers the weight-averaged price is used (``weight:``) and the line says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .config import JobConfig, ProviderConfig
+from .errors import ConfigError, UsageError
+
+SAMPLE_ROWS = 200
+"""Rows whose prompts are built and counted; token totals are scaled from their mean."""
+
+OUTPUT_FRACTION = 0.5
+"""Assumed share of ``max_tokens`` each reply uses."""
+
+TOKENS_PER_MESSAGE = 4
+"""Tokens added per message for the chat framing (role, separators), in both counters."""
+
+CHARS_PER_TOKEN = 4
+"""The approximation's characters per token."""
+
+# Stage -> the roles that serve it (kept in step with evoray.workers / the optimizer).
+STAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "optimize": ("evol", "optimizer"),
+    "evolve": ("evol",),
+    "answer": ("answer",),
+    "rate": ("rater",),
+    "judge": ("judge",),
+}
+
+_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+_FILLER_WORD = " the"  # one token in the OpenAI encodings, and 4 characters = 1 approximate token
+
+
+# ---- results --------------------------------------------------------------------------------------
+
+@dataclass
+class CallEstimate:
+    """One kind of call inside a stage (evolution, answer, rating, ...)."""
+
+    kind: str
+    role: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    dollars: float
+    input_per_mtok: float
+    output_per_mtok: float
+    counter: str  # "tiktoken:<encoding>" or "approx"
+    price_note: str = ""
+
+
+@dataclass
+class StageEstimate:
+    """The estimate of one stage: totals over its calls, with the calls and notes kept."""
+
+    stage: str
+    rows: int
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    dollars: float = 0.0
+    calls: list[CallEstimate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, call: CallEstimate) -> None:
+        self.calls.append(call)
+        self.requests += call.requests
+        self.input_tokens += call.input_tokens
+        self.output_tokens += call.output_tokens
+        self.dollars += call.dollars
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "rows": self.rows, "requests": self.requests,
+            "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "dollars": self.dollars,
+            "calls": [c.__dict__ for c in self.calls], "notes": list(self.notes),
+        }
+
+
+# ---- token counting ---------------------------------------------------------------------------------
+
+def approx_tokens(text: str) -> int:
+    """The approximation: ``len(text) / 4`` tokens (rounded up)."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
+def _tiktoken_cache_dir() -> str | None:
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        d = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        d = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        d = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return d or None  # "" disables tiktoken's cache: every use would download
+
+
+@lru_cache(maxsize=None)
+def _tiktoken_encoding(model: str):
+    """tiktoken's encoding for ``model`` when it can be had without a network, else None.
+
+    tiktoken downloads encoding files on first use; we only load an encoding whose file is already
+    in tiktoken's cache (same path rule as ``tiktoken.load.read_file_cached``), so no request is
+    ever sent and nothing waits on a network.
+    """
+    try:
+        import tiktoken
+        from tiktoken.model import encoding_name_for_model
+    except ImportError:
+        return None
+    try:
+        name = encoding_name_for_model(model)
+    except KeyError:
+        return None
+    cache_dir = _tiktoken_cache_dir()
+    if cache_dir is None:
+        return None
+    key = hashlib.sha1(_TIKTOKEN_URL.format(name=name).encode()).hexdigest()
+    if not os.path.isfile(os.path.join(cache_dir, key)):
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a corrupt cache file, an unexpected layout: fall back, never fail the estimate
+        return None
+
+
+class TokenCounter:
+    """Counts the tokens of messages for one provider: tiktoken when possible, else the approximation."""
+
+    def __init__(self, provider: ProviderConfig | None = None):
+        self.encoding = None
+        if provider is not None and provider.kind == "openai":
+            self.encoding = _tiktoken_encoding(provider.model)
+        self.name = f"tiktoken:{self.encoding.name}" if self.encoding is not None else "approx"
+
+    def text(self, text: str) -> int:
+        if self.encoding is not None:
+            return len(self.encoding.encode(text, disallowed_special=()))
+        return approx_tokens(text)
+
+    def messages(self, messages: Sequence[dict[str, str]]) -> int:
+        return sum(self.text(m.get("content") or "") + TOKENS_PER_MESSAGE for m in messages)
+
+
+def filler(n_tokens: int) -> str:
+    """Stand-in text of about ``n_tokens`` tokens in both counters (a reply not yet written)."""
+    return (_FILLER_WORD * max(0, int(n_tokens))).strip()
+
+
+def _out(max_tokens: int) -> int:
+    return int(round(max_tokens * OUTPUT_FRACTION))
+
+
+# ---- prices ------------------------------------------------------------------------------------------
+
+@dataclass
+class _RolePricing:
+    role: str
+    providers: list[ProviderConfig]
+    input_per_mtok: float
+    output_per_mtok: float
+    note: str
+    counter: TokenCounter
+
+    def dollars(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+def role_pricing(config: JobConfig, role: str) -> _RolePricing:
+    """Prices (weight-averaged over the role's providers) and the token counter of a role.
+
+    With several providers the counter is the first provider's (they may tokenize differently;
+    the note says which prices were averaged).
+    """
+    provs = config.providers_for(role)
+    total_w = sum(p.weight for p in provs)
+    pin = sum(p.price.input_per_mtok * p.weight for p in provs) / total_w
+    pout = sum(p.price.output_per_mtok * p.weight for p in provs) / total_w
+    if len(provs) > 1:
+        note = "weighted average price of " + ", ".join(f"{p.name} (weight {p.weight:g})" for p in provs)
+    else:
+        note = ""
+    return _RolePricing(role, provs, pin, pout, note, TokenCounter(provs[0]))
+
+
+# ---- reading rows --------------------------------------------------------------------------------------
+
+@dataclass
+class _Rows:
+    count: int
+    sample: list[dict[str, Any]]
+
+
+def _read_rows(paths: str | Sequence[str], config: JobConfig, fmt: str | None = None,
+               mapping: dict | None = None, seed: int = 0) -> _Rows:
+    """Count the rows (``input.limit`` respected) and keep a seeded reservoir sample of them."""
+    from .io import iter_rows
+
+    if isinstance(paths, str):
+        paths = [p.strip() for p in paths.split(",") if p.strip()]
+    rng = random.Random(seed)
+    sample: list[dict[str, Any]] = []
+    n = 0
+    rows = iter_rows(paths, fmt=fmt or config.input.format,
+                     mapping=config.input.map if mapping is None else mapping,
+                     skip_invalid=config.input.skip_invalid, limit=config.input.limit)
+    for row in rows:
+        n += 1
+        if len(sample) < SAMPLE_ROWS:
+            sample.append(row)
+        else:
+            j = rng.randrange(n)
+            if j < SAMPLE_ROWS:
+                sample[j] = row
+    return _Rows(n, sample)
+
+
+def _mean(values: Iterable[int]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+# ---- per-stage estimates ----------------------------------------------------------------------------------
+
+class _Builder:
+    def __init__(self, config: JobConfig, method: str | None):
+        self.config = config
+        self.method_name = method
+        self._pricing: dict[str, _RolePricing] = {}
+
+    def pricing(self, role: str) -> _RolePricing:
+        if role not in self._pricing:
+            self._pricing[role] = role_pricing(self.config, role)
+        return self._pricing[role]
+
+    def call(self, st: StageEstimate, kind: str, role: str, requests: int,
+             per_request_in: float, per_request_out: float) -> None:
+        pr = self.pricing(role)
+        tin = int(round(requests * per_request_in))
+        tout = int(round(requests * per_request_out))
+        st.add(CallEstimate(kind, role, int(requests), tin, tout, pr.dollars(tin, tout), pr.input_per_mtok,
+                            pr.output_per_mtok, pr.counter.name, pr.note))
+
+    def method(self, st: StageEstimate, upstream_optimize: bool):
+        from .evolution.methods import load_method
+
+        name = self.method_name or self.config.evolve.method
+        try:
+            m = load_method(name)
+        except ConfigError:
+            m = load_method("initial")
+            st.notes.append(f"method '{name}' does not exist yet; the built-in 'initial' method stands in for it")
+            return m
+        if upstream_optimize:
+            st.notes.append("the optimized method is not known yet; the starting method stands in for it")
+        return m
+
+    # rate ---------------------------------------------------------------------------------------
+    def rate(self, st: StageEstimate, rows: _Rows) -> None:
+        from .prompts.rating import build_rating_request
+        from .providers import provider_class
+
+        c = self.config.rate
+        pr = self.pricing("rater")
+        use_schema = c.json_scores and all(provider_class(p.kind).supports_json_schema for p in pr.providers)
+        per_in = _mean(pr.counter.messages(build_rating_request(r, c.dimension, use_schema, c.max_tokens).messages)
+                       for r in rows.sample)
+        self.call(st, "rating", "rater", rows.count, per_in, _out(c.max_tokens))
+        st.notes.append("no parse retries assumed (each adds one request per unparsed reply)")
+
+    # evolve ---------------------------------------------------------------------------------------
+    def evolve(self, st: StageEstimate, rows: _Rows, upstream_optimize: bool) -> None:
+        from .evolution.methods import render
+        from .prompts.evolution import answer_messages, equality_messages
+
+        c = self.config.evolve
+        method = self.method(st, upstream_optimize)
+        cnt = self.pricing("evol").counter
+        evolved = filler(_out(c.max_tokens))
+        per_evolve = _mean(cnt.messages(render(method, r["instruction"])) for r in rows.sample)
+        self.call(st, "evolution", "evol", rows.count * c.rounds, per_evolve, _out(c.max_tokens))
+        if c.rounds > 1:
+            st.notes.append("rounds after the first are counted with the first round's prompt size")
+        if c.equality_check:
+            per_eq = _mean(cnt.messages(equality_messages(r["instruction"], evolved)) for r in rows.sample)
+            self.call(st, "equality check", "evol", rows.count * c.rounds, per_eq, 8 * OUTPUT_FRACTION)
+        if c.answer:
+            per_ans = _mean(cnt.messages(answer_messages(evolved, r.get("input") or "")) for r in rows.sample)
+            self.call(st, "answer", "evol", rows.count, per_ans, _out(c.answer_max_tokens))
+
+    # answer ---------------------------------------------------------------------------------------
+    def answer(self, st: StageEstimate, rows: _Rows) -> None:
+        from .answer import answer_request
+
+        c = self.config.answer
+        cnt = self.pricing("answer").counter
+        per_in = _mean(cnt.messages(answer_request(r, c).messages) for r in rows.sample)
+        self.call(st, "answer", "answer", rows.count, per_in, _out(c.max_tokens))
+
+    # optimize -------------------------------------------------------------------------------------
+    def optimize(self, st: StageEstimate, rows: _Rows) -> None:
+        from .evolution.methods import render
+        from .prompts.evolution import answer_messages
+        from .prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
+
+        c, ev = self.config.optimize, self.config.evolve
+        method = self.method(st, False)
+        pool = min(c.sample_size, rows.count)
+        dev = min(c.dev_size, pool)
+        train = pool - dev if pool >= c.dev_size + c.batch_size else pool
+        batch = min(c.batch_size, train)
+        evol_cnt = self.pricing("evol").counter
+        opt_cnt = self.pricing("optimizer").counter
+        evolved = filler(_out(ev.max_tokens))
+        answer = filler(_out(ev.answer_max_tokens))
+        per_evolve = _mean(evol_cnt.messages(render(method, r["instruction"])) for r in rows.sample)
+        per_answer = _mean(evol_cnt.messages(answer_messages(evolved, r.get("input") or "")) for r in rows.sample)
+        out_evolve, out_answer = _out(ev.max_tokens), _out(ev.answer_max_tokens)
+
+        traj_evolutions = c.steps * batch * c.trajectory_length
+        self.call(st, "trajectory evolution", "evol", traj_evolutions, per_evolve, out_evolve)
+        if ev.answer:
+            self.call(st, "trajectory answer", "evol", traj_evolutions, per_answer, out_answer)
+        # the analysis prompt holds the method and a whole mini-batch of trajectories
+        seeds = rows.sample[:batch] or rows.sample[:1]
+        trajectories = [{"seed": r["instruction"],
+                         "steps": [{"round": k, "evolved": evolved, "answer": answer if ev.answer else None,
+                                    "failed": None} for k in range(1, c.trajectory_length + 1)]}
+                        for r in seeds]
+        feedback = filler(_out(c.max_tokens))
+        per_analysis = opt_cnt.messages(analysis_messages(method.text, format_trajectories(trajectories)))
+        per_optimization = opt_cnt.messages(optimization_messages(method.text, feedback))
+        self.call(st, "analysis", "optimizer", c.steps * c.candidates, per_analysis, _out(c.max_tokens))
+        self.call(st, "optimization", "optimizer", c.steps * c.candidates, per_optimization, _out(c.max_tokens))
+        dev_evals = c.steps * c.candidates * dev + dev  # + the baseline once
+        self.call(st, "dev evolution", "evol", dev_evals, per_evolve, out_evolve)
+        self.call(st, "dev answer", "evol", dev_evals, per_answer, out_answer)
+        st.notes.append(f"upper bound: all {c.steps} steps run (patience may stop earlier); "
+                        f"dev set {dev}, mini-batch {batch}")
+
+    # judge ----------------------------------------------------------------------------------------
+    def judge(self, st: StageEstimate, upstream: _Rows | None) -> None:
+        from .judge import pair_answers
+        from .prompts.judge import build_judge_request, question_text
+
+        c = self.config.judge
+        cnt = self.pricing("judge").counter
+        if c.answers_a and c.answers_b and Path(c.answers_a).exists() and Path(c.answers_b).exists():
+            from .io import iter_rows
+
+            # test sets are small: read both sides whole so the pairs are the judge's pairs
+            pairs, only_a, only_b = pair_answers(iter_rows(c.answers_a), iter_rows(c.answers_b))
+            n_pairs = len(pairs)
+            sample = random.Random(0).sample(pairs, min(SAMPLE_ROWS, n_pairs))
+            if only_a or only_b:
+                st.notes.append(f"{len(only_a)} answers of A and {len(only_b)} of B have no partner (not judged)")
+        elif upstream is not None:
+            n_pairs = upstream.count
+            sample = [{"instruction": r.get("instruction") or "", "input": r.get("input") or "",
+                       "answer_a": r.get("output") or "", "answer_b": r.get("output") or ""} for r in upstream.sample]
+            st.notes.append("judge.answers_a / answers_b not found: the earlier stage's rows stand in for both sides")
+        else:
+            st.notes.append("judge.answers_a / answers_b not found: no pairs to judge")
+            n_pairs, sample = 0, []
+        st.rows = n_pairs
+        per_in = _mean(
+            (cnt.messages(build_judge_request(question_text(p), p["answer_a"], p["answer_b"], c.max_tokens).messages)
+             + cnt.messages(build_judge_request(question_text(p), p["answer_b"], p["answer_a"], c.max_tokens).messages)) / 2
+            for p in sample)
+        self.call(st, "judgment (both orders)", "judge", 2 * n_pairs, per_in, _out(c.max_tokens))
+        st.notes.append("no parse retries assumed")
+
+
+def _passed_on(rows: _Rows, answer_tokens: int, instruction_tokens: int | None = None) -> _Rows:
+    """The sample as an earlier stage passes it on: ``output`` = an answer of the expected length
+    and, after evolution, ``instruction`` = an evolved instruction of the expected length."""
+    text = filler(answer_tokens)
+    upd: dict[str, Any] = {"output": text}
+    if instruction_tokens is not None:
+        upd["instruction"] = filler(instruction_tokens)
+    return _Rows(rows.count, [dict(r, **upd) for r in rows.sample])
+
+
+def estimate(config: JobConfig, input_path: str | None = None, stages: Sequence[str] | None = None,
+             method: str | None = None) -> list[StageEstimate]:
+    """Estimates for ``stages`` (default ``config.pipeline``), in order; sends nothing, starts no Ray.
+
+    ``input_path`` overrides ``config.input.path`` (``-i``); ``method`` overrides
+    ``evolve.method`` (``evoray evolve --method``). Raises :class:`~evoray.errors.UsageError` when a
+    stage needs input rows and there is no input.
+    """
+    stages = list(stages) if stages is not None else list(config.pipeline)
+    unknown = [s for s in stages if s not in STAGE_ROLES]
+    if unknown:
+        raise UsageError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGE_ROLES)})")
+    needs_input = any(s in ("optimize", "evolve", "answer", "rate") for s in stages)
+    path = input_path or config.input.path
+    rows: _Rows | None = None
+    if path:
+        rows = _read_rows(path, config, seed=config.optimize.seed)
+    elif needs_input:
+        raise UsageError("no input rows to estimate: set input.path in the config or pass -i INPUT")
+
+    b = _Builder(config, method)
+    out: list[StageEstimate] = []
+    current = rows  # the rows the next row-consuming stage receives
+    seen_optimize = False
+    for stage in stages:
+        st = StageEstimate(stage, current.count if current is not None else 0)
+        stage_input = current
+        if stage == "ingest":
+            st.notes.append("reads and writes data only")
+        elif stage == "optimize":
+            b.optimize(st, current)
+            seen_optimize = True
+        elif stage == "evolve":
+            b.evolve(st, current, seen_optimize)
+            current = _passed_on(current, _out(config.evolve.answer_max_tokens) if config.evolve.answer else 0,
+                                 _out(config.evolve.max_tokens))
+        elif stage == "answer":
+            b.answer(st, current)
+            current = _passed_on(current, _out(config.answer.max_tokens))
+        elif stage == "rate":
+            b.rate(st, current)
+            st.notes.append("later stages get at most the rows rated (the kept rows)")
+        elif stage == "judge":
+            b.judge(st, current)
+        if stage in ("rate", "answer", "evolve") and stage_input is not rows and stage_input is not None:
+            st.notes.append("rows come from an earlier stage's output: sample rows with texts of the expected length")
+        out.append(st)
+    return out
+
+
+# ---- printing ---------------------------------------------------------------------------------------------
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_usd(x: float) -> str:
+    return f"${x:,.4f}" if x < 100 else f"${x:,.2f}"
+
+
+def format_estimate(estimates: Sequence[StageEstimate], detail: bool = True) -> str:
+    """The table ``evoray estimate`` prints: one line per stage and a total, then (``detail``) the
+    calls of each stage, the token counter and price used, and the assumptions."""
+    header = ("stage", "rows", "requests", "input tokens", "output tokens", "dollars")
+    lines_data = [(e.stage, _fmt_int(e.rows), _fmt_int(e.requests), _fmt_int(e.input_tokens),
+                   _fmt_int(e.output_tokens), _fmt_usd(e.dollars)) for e in estimates]
+    total = ("total", "", _fmt_int(sum(e.requests for e in estimates)),
+             _fmt_int(sum(e.input_tokens for e in estimates)), _fmt_int(sum(e.output_tokens for e in estimates)),
+             _fmt_usd(sum(e.dollars for e in estimates)))
+    rows = [header, *lines_data, total]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(r):
+        return "  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r)))
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in lines_data]
+    out += ["  ".join("-" * w for w in widths), line(total)]
+    if detail:
+        out.append("")
+        for e in estimates:
+            if not e.calls and not e.notes:
+                continue
+            out.append(f"{e.stage}:")
+            for c in e.calls:
+                price = f"${c.input_per_mtok:g}/${c.output_per_mtok:g} per Mtok in/out"
+                extra = f"; {c.price_note}" if c.price_note else ""
+                out.append(f"  {c.kind:<24} role {c.role:<9} {_fmt_int(c.requests):>9} req  "
+                           f"{_fmt_int(c.input_tokens):>12} in  {_fmt_int(c.output_tokens):>11} out  "
+                           f"{_fmt_usd(c.dollars):>10}  [{c.counter}; {price}{extra}]")
+            for n in e.notes:
+                out.append(f"  note: {n}")
+        out.append("")
+        out.append(f"assumptions: replies use {OUTPUT_FRACTION:g} of max_tokens; tokens by tiktoken for OpenAI models "
+                   f"whose encoding is cached, else ~{CHARS_PER_TOKEN} characters a token + {TOKENS_PER_MESSAGE} a message; "
+                   f"prompts built for up to {SAMPLE_ROWS} sampled rows and scaled. Nothing was sent.")
+    return "\n".join(out)
+
+
+__all__ = [
+    "CallEstimate", "OUTPUT_FRACTION", "SAMPLE_ROWS", "StageEstimate", "TOKENS_PER_MESSAGE", "TokenCounter",
+    "approx_tokens", "estimate", "format_estimate", "role_pricing",
+]

@@ -1,0 +1,326 @@
+"""The stages behind the commands: rate, evolve, answer, judge, optimize, and the pipeline.
+
+Every stage follows the contract in :mod:`evoray.jobs`: canonical input, a Ray pool, every input
+row in exactly one output table, ``ledger.json``, and ``_SUCCESS.json`` last (so a re-run skips a
+finished stage). The per-row work is the plain core code registered in :mod:`evoray.workers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .config import JobConfig
+from .errors import BudgetExceeded, UsageError
+from .jobs import (JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
+                   prepare_input, run_pool_stage, stop_for_budget, write_canonical, write_ledger, write_marker)
+from .schema import RESULT_SCHEMA
+from .sinks import TableSink, find_table, read_any
+
+log = logging.getLogger("evoray")
+
+
+def _providers_fp(config: JobConfig, role: str) -> list:
+    return [(p.kind, p.model) for p in config.providers_for(role)]
+
+
+def _say(ctx: JobContext, msg: str) -> None:
+    if not ctx.quiet:
+        print(msg, flush=True)
+
+
+def _finish(ctx: JobContext, stage: str, outdir: Path, fp: str, counts: dict, outputs: dict) -> StageResult:
+    write_ledger(ctx, outdir)
+    if counts.get("budget_stopped"):
+        stop_for_budget(ctx, outdir, stage, counts)
+    write_marker(outdir, fp, counts, outputs)
+    return StageResult(stage, outdir, counts, outputs)
+
+
+def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | None:
+    m = done_marker(outdir, fp)
+    if m is None:
+        return None
+    _say(ctx, f"[{stage}] already complete in {outdir} (skipped; delete {outdir}/_SUCCESS.json to redo)")
+    return StageResult(stage, outdir, m.get("counts", {}), m.get("outputs", {}), skipped=True)
+
+
+# ---- rate -----------------------------------------------------------------------------------------
+
+def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
+    from .plots import score_histogram
+    from .selection import bucket_counts, random_baseline, select
+
+    cfg = ctx.config
+    outdir.mkdir(parents=True, exist_ok=True)
+    input_path = prepare_input(cfg, input_src, outdir)
+    fp = fingerprint("rate", _hash_file(input_path), cfg.rate.model_dump(), _providers_fp(cfg, "rater"),
+                     cfg.output.format)
+    if (r := _skip(ctx, "rate", outdir, fp)) is not None:
+        return r
+    clear_marker(outdir)
+    fmt = cfg.output.format
+    counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
+                            cfg.ray.rater_actors)
+    scored = read_any(outdir / f"_scored.{fmt}") if counts.get("_scored") else pa.Table.from_pylist([], schema=RESULT_SCHEMA)
+    ids = scored.column("id").to_pylist()
+    scores = scored.column("score").to_pylist()
+    kept_ids, _ = select(list(zip(ids, scores)), threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
+    kept_mask = pa.array([i in set(kept_ids) for i in ids]) if ids else pa.array([], pa.bool_())
+    kept_set = set(kept_ids)
+    kept_mask = pa.array([i in kept_set for i in ids], pa.bool_())
+    for name, mask in (("kept", kept_mask), ("rejected", pc.invert(kept_mask))):
+        part = scored.filter(mask)
+        part = part.set_column(part.schema.get_field_index("status"), "status",
+                               pa.array([name] * part.num_rows, pa.string()))
+        sink = TableSink(outdir, name, fmt, RESULT_SCHEMA)
+        sink.write(part)
+        sink.close()
+    (outdir / f"_scored.{fmt}").unlink(missing_ok=True)
+    counts.pop("_scored", None)
+    counts["kept"], counts["rejected"] = len(kept_set), len(ids) - len(kept_set)
+    # the random baseline: a seeded subset of all input rows, the size of the kept set
+    if cfg.rate.random_baseline:
+        all_ids = pq.read_table(input_path, columns=["id"]).column("id").to_pylist()
+        base = set(random_baseline(all_ids, len(kept_set), seed=cfg.rate.seed))
+        inp = pq.read_table(input_path)
+        sub = inp.filter(pa.array([i in base for i in inp.column("id").to_pylist()], pa.bool_()))
+        sink = TableSink(outdir, "random_baseline", fmt, RESULT_SCHEMA)
+        sink.write(sub.to_pylist())
+        sink.close()
+        counts["random_baseline"] = sub.num_rows
+    buckets = bucket_counts([s for s in scores if s is not None], counts.get("failed", 0))
+    (outdir / "scores.json").write_text(json.dumps({
+        "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
+        "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,
+        "input": counts["input"]}, indent=2) + "\n")
+    score_histogram(buckets, outdir / "score_histogram.png")
+    total_out = counts["kept"] + counts["rejected"] + counts.get("failed", 0) + counts.get("budget_stopped", 0)
+    if total_out != counts["input"]:
+        raise RuntimeError(f"rate: {counts['input']} rows in but {total_out} accounted for: {counts}")
+    _say(ctx, f"[rate] kept {counts['kept']}, rejected {counts['rejected']}, failed {counts.get('failed', 0)} "
+              f"of {counts['input']} -> {outdir}")
+    return _finish(ctx, "rate", outdir, fp, counts,
+                   {"kept": str(outdir / f"kept.{fmt}"), "rejected": str(outdir / f"rejected.{fmt}")})
+
+
+# ---- evolve / answer --------------------------------------------------------------------------------
+
+def resolve_method(spec: str | None, config: JobConfig):
+    from .evolution.methods import load_method
+
+    return load_method(spec or config.evolve.method)
+
+
+def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_spec: str | None = None) -> StageResult:
+    cfg = ctx.config
+    outdir.mkdir(parents=True, exist_ok=True)
+    method = resolve_method(method_spec, cfg)
+    input_path = prepare_input(cfg, input_src, outdir)
+    fp = fingerprint("evolve", _hash_file(input_path), method.id, cfg.evolve.model_dump(), _providers_fp(cfg, "evol"),
+                     cfg.output.format)
+    if (r := _skip(ctx, "evolve", outdir, fp)) is not None:
+        return r
+    clear_marker(outdir)
+    (outdir / "method.txt").write_text(method.text)
+    counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
+                            cfg.ray.evolver_actors, extra={"method": method.to_dict()})
+    _check_accounted("evolve", counts, ["evolved", "failed"])
+    _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
+              f"with method {method.name} ({method.id}) -> {outdir}")
+    fmt = cfg.output.format
+    return _finish(ctx, "evolve", outdir, fp, counts, {"evolved": str(outdir / f"evolved.{fmt}")})
+
+
+def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
+    cfg = ctx.config
+    outdir.mkdir(parents=True, exist_ok=True)
+    input_path = prepare_input(cfg, input_src, outdir)
+    fp = fingerprint("answer", _hash_file(input_path), cfg.answer.model_dump(), _providers_fp(cfg, "answer"),
+                     cfg.output.format)
+    if (r := _skip(ctx, "answer", outdir, fp)) is not None:
+        return r
+    clear_marker(outdir)
+    counts = run_pool_stage(ctx, "answer", "answer", input_path, outdir, {"answered": "answered", "failed": "failed"},
+                            cfg.ray.evolver_actors)
+    _check_accounted("answer", counts, ["answered", "failed"])
+    _say(ctx, f"[answer] answered {counts.get('answered', 0)}, failed {counts.get('failed', 0)} -> {outdir}")
+    fmt = cfg.output.format
+    return _finish(ctx, "answer", outdir, fp, counts, {"answered": str(outdir / f"answered.{fmt}")})
+
+
+def _check_accounted(stage: str, counts: dict, tables: list[str]) -> None:
+    total = sum(counts.get(t, 0) for t in tables) + counts.get("budget_stopped", 0)
+    if total != counts["input"]:
+        raise RuntimeError(f"{stage}: {counts['input']} rows in but {total} accounted for: {counts}")
+
+
+# ---- judge ----------------------------------------------------------------------------------------------
+
+def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
+    from .io import iter_rows
+    from .judge import JUDGMENT_FIELDS, JUDGMENT_SCHEMA, pair_answers, summarize
+    from .plots import wtl_bar_chart
+
+    cfg = ctx.config
+    j = cfg.judge
+    if not j.answers_a or not j.answers_b:
+        raise UsageError("judge needs judge.answers_a and judge.answers_b (answer files of the two models)")
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows_a = list(iter_rows([j.answers_a], fmt="auto"))
+    rows_b = list(iter_rows([j.answers_b], fmt="auto"))
+    pairs, only_a, only_b = pair_answers(rows_a, rows_b)
+    fp = fingerprint("judge", [(r["instruction"], r.get("answer_a"), r.get("answer_b")) for r in pairs], j.model_dump(),
+                     _providers_fp(cfg, "judge"), cfg.output.format)
+    if (r := _skip(ctx, "judge", outdir, fp)) is not None:
+        return r
+    clear_marker(outdir)
+    schema = JUDGMENT_SCHEMA.append(pa.field("status", pa.string()))
+    pairs_path = outdir / "_pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(pairs), pairs_path, row_group_size=64)
+    fmt = cfg.output.format
+    counts = run_pool_stage(ctx, "judge", "judge", pairs_path, outdir, {"judged": "judgments", "failed": "judgments"},
+                            cfg.ray.judge_actors, schema=schema) if pairs else {"judgments": 0, "input": 0}
+    pairs_path.unlink(missing_ok=True)
+    # prompts only one side answered are reported as failed judgments, never dropped
+    unmatched = []
+    for side, rows in (("B", only_a), ("A", only_b)):
+        for r in rows:
+            row = {k: None for k in JUDGMENT_FIELDS}
+            row.update(id=r["id"], test_set=None, instruction=r["instruction"], input=r.get("input") or "",
+                       result="failed", reason=f"no answer from model {side} for this prompt", status="failed")
+            unmatched.append(row)
+    judgments = read_any(outdir / f"judgments.{fmt}").to_pylist() if counts.get("judgments") else []
+    if unmatched:
+        sink = TableSink(outdir, "judgments", fmt, schema)
+        sink.write(judgments + unmatched)
+        sink.close()
+        judgments += unmatched
+    summary = summarize(judgments, test_sets=j.test_sets or None)
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    wtl_bar_chart(summary, outdir / "wtl.png")
+    counts["judgments"] = len(judgments)
+    counts["unmatched"] = len(unmatched)
+    ov = summary.get("overall", {})
+    _say(ctx, f"[judge] Win {ov.get('win')} / Tie {ov.get('tie')} / Lose {ov.get('lose')} (failed {ov.get('failed')}), "
+              f"winning score {ov.get('winning_score')} -> {outdir}")
+    return _finish(ctx, "judge", outdir, fp, counts, {"judgments": str(outdir / f"judgments.{fmt}")})
+
+
+# ---- optimize -------------------------------------------------------------------------------------------
+
+def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
+    from actors.candidates import CandidatePool
+    from actors.pools import worker_context
+    from .evolution.methods import load_method
+    from .evolution.optimizer import Optimizer, write_outputs
+
+    cfg = ctx.config
+    outdir.mkdir(parents=True, exist_ok=True)
+    input_path = prepare_input(cfg, input_src, outdir)
+    initial = load_method(cfg.evolve.method)
+    fp = fingerprint("optimize", _hash_file(input_path), cfg.optimize.model_dump(), cfg.evolve.model_dump(), initial.id,
+                     _providers_fp(cfg, "evol"), _providers_fp(cfg, "optimizer"))
+    if (r := _skip(ctx, "optimize", outdir, fp)) is not None:
+        return r
+    clear_marker(outdir)
+    session = ctx.session()
+    rows = _sample_rows(input_path, cfg.optimize.sample_size, cfg.optimize.seed)
+    pool = CandidatePool(session, min(cfg.ray.candidate_actors, cfg.optimize.candidates + 1))
+    _say(ctx, f"[optimize] {len(rows)} sampled rows, up to {cfg.optimize.steps} step(s), m={cfg.optimize.candidates}, "
+              f"dev {cfg.optimize.dev_size}, {len(pool.actors)} candidate actor(s)")
+
+    async def go():
+        _, clients = worker_context(session._config_json, session.job_id, ["evol", "optimizer"])
+        opt = Optimizer(clients["evol"], clients["optimizer"], cfg.optimize, cfg.evolve, evaluate=pool.evaluate,
+                        initial_method=initial)
+        try:
+            return await opt.run(rows)
+        finally:
+            for c in clients.values():
+                await c.aclose()
+
+    try:
+        result = asyncio.run(go())
+    finally:
+        pool.close()
+    paths = write_outputs(result, outdir)
+    hist = json.loads(Path(paths["history"]).read_text())
+    hist["candidate_nodes"] = sorted(pool.nodes)
+    Path(paths["history"]).write_text(json.dumps(hist, indent=2) + "\n")
+    counts = {"input": count_rows(input_path), "sampled": len(rows), "steps": len(result.history)}
+    _say(ctx, f"[optimize] best method {result.best_method.id}: failure rate {result.best_failure_rate:.3f} "
+              f"(initial {result.baseline_failure_rate:.3f}) -> {outdir}")
+    ctx.check_budget()
+    return _finish(ctx, "optimize", outdir, fp, counts, {k: str(v) for k, v in paths.items()})
+
+
+def _sample_rows(path: Path, n: int, seed: int) -> list[dict]:
+    import random
+
+    table = pq.read_table(path)
+    total = table.num_rows
+    if total <= n:
+        return table.to_pylist()
+    idx = sorted(random.Random(seed).sample(range(total), n))
+    return table.take(pa.array(idx)).to_pylist()
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------
+
+def run_pipeline(ctx: JobContext, outdir: Path, input_src: str | None = None) -> dict[str, StageResult]:
+    """Run ``pipeline:`` in order; each stage's output feeds the next (see README, "Pipelines")."""
+    cfg = ctx.config
+    results: dict[str, StageResult] = {}
+    current = input_src or cfg.input.path
+    method_spec = None
+    fmt = cfg.output.format
+    for stage in cfg.pipeline:
+        sd = outdir / stage
+        if stage == "ingest":
+            from .io import ingest
+
+            sd.mkdir(parents=True, exist_ok=True)
+            target = sd / "rows.parquet"
+            if not (sd / "_SUCCESS.json").exists():
+                s = ingest([x for x in str(current).split(",")], str(target), fmt=cfg.input.format,
+                           mapping=cfg.input.map or None, skip_invalid=cfg.input.skip_invalid, limit=cfg.input.limit)
+                write_marker(sd, "ingest", {"rows": s.rows, "quarantined": s.quarantined}, {"rows": str(target)})
+            current = str(target)
+        elif stage == "optimize":
+            r = stage_optimize(ctx, current, sd)
+            method_spec = r.outputs.get("best_method") or str(sd / "best_method.txt")
+        elif stage == "evolve":
+            r = stage_evolve(ctx, current, sd, method_spec)
+            current = _canonical_from(sd, "evolved", fmt)
+        elif stage == "answer":
+            r = stage_answer(ctx, current, sd)
+            current = _canonical_from(sd, "answered", fmt)
+        elif stage == "rate":
+            r = stage_rate(ctx, current, sd)
+            current = _canonical_from(sd, "kept", fmt)
+        elif stage == "judge":
+            r = stage_judge(ctx, sd)
+        else:  # pragma: no cover - the config validates stage names
+            raise UsageError(f"unknown stage '{stage}'")
+        if stage != "ingest":
+            results[stage] = r
+    return results
+
+
+def _canonical_from(stage_dir: Path, table: str, fmt: str) -> str:
+    """The next stage's input: a stage's table as canonical Parquet (stable ids and lineage)."""
+    src = find_table(stage_dir, table)
+    target = stage_dir / f"_{table}_canonical.parquet"
+    if src is None:
+        raise RuntimeError(f"{stage_dir}: no {table} table to feed the next stage")
+    if not target.exists() or target.stat().st_mtime < src.stat().st_mtime:
+        write_canonical(read_any(src), target)
+    return str(target)
