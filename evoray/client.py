@@ -87,6 +87,7 @@ class LLMClient:
         self.stop = False  # set when the job's budget is reached
         self.events: list[dict[str, Any]] = []  # per-call trace kept only when trace=True
         self.trace = False
+        self._prepared = False
 
     # ---- ledger shipping ----------------------------------------------------------------------
     async def flush(self, force: bool = False) -> None:
@@ -118,6 +119,11 @@ class LLMClient:
             return hit
         if self.stop:
             raise BudgetExceeded("the job's budget was reached")
+        if not self._prepared:
+            # SDK imports and clients are built before the first permit, not while holding one
+            for p in self.providers.values():
+                p.prepare()
+            self._prepared = True
         est = request.estimate_input_tokens() + request.max_tokens
         last: BaseException | None = None
         attempt = 0

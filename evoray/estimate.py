@@ -52,14 +52,13 @@ Dollars
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from .config import JobConfig, ProviderConfig
 from .errors import ConfigError, UsageError
@@ -158,8 +157,9 @@ def _tiktoken_encoding(model: str):
     """tiktoken's encoding for ``model`` when it can be had without a network, else None.
 
     tiktoken downloads encoding files on first use; we only load an encoding whose file is already
-    in tiktoken's cache (same path rule as ``tiktoken.load.read_file_cached``), so no request is
-    ever sent and nothing waits on a network.
+    in tiktoken's cache (same path rule as ``tiktoken.load.read_file_cached``), and while loading it
+    any download is refused (tiktoken would fetch again a cached file whose hash does not match), so
+    no request is ever sent and nothing waits on a network.
     """
     try:
         import tiktoken
@@ -176,10 +176,23 @@ def _tiktoken_encoding(model: str):
     key = hashlib.sha1(_TIKTOKEN_URL.format(name=name).encode()).hexdigest()
     if not os.path.isfile(os.path.join(cache_dir, key)):
         return None
+    # tiktoken re-downloads a cached file whose hash does not match: forbid any download while loading
+    import tiktoken.load as _load
+
+    original = _load.read_file
+
+    def offline(blobpath: str) -> bytes:
+        if "://" in blobpath:
+            raise OSError("evoray estimate does not download tiktoken encodings")
+        return original(blobpath)
+
+    _load.read_file = offline
     try:
         return tiktoken.get_encoding(name)
     except Exception:  # a corrupt cache file, an unexpected layout: fall back, never fail the estimate
         return None
+    finally:
+        _load.read_file = original
 
 
 class TokenCounter:
@@ -416,9 +429,11 @@ class _Builder:
             n_pairs = upstream.count
             sample = [{"instruction": r.get("instruction") or "", "input": r.get("input") or "",
                        "answer_a": r.get("output") or "", "answer_b": r.get("output") or ""} for r in upstream.sample]
-            st.notes.append("judge.answers_a / answers_b not found: the earlier stage's rows stand in for both sides")
+            st.notes.append(f"answer files not found (judge.answers_a={c.answers_a!r}, answers_b={c.answers_b!r}): "
+                            "the earlier stage's rows stand in for both sides")
         else:
-            st.notes.append("judge.answers_a / answers_b not found: no pairs to judge")
+            st.notes.append(f"answer files not found (judge.answers_a={c.answers_a!r}, answers_b={c.answers_b!r}): "
+                            "no pairs to judge yet; estimate again once they exist")
             n_pairs, sample = 0, []
         st.rows = n_pairs
         per_in = _mean(

@@ -73,6 +73,10 @@ class JobContext:
         if self._session is None:
             from actors.session import RaySession
 
+            # a missing key is a usage error here, named, before any actor starts
+            for p in self.config.providers:
+                p.api_key()
+
             self._session = RaySession(self.config, self.address)
         return self._session
 

@@ -63,11 +63,14 @@ def _answer(config, clients, extra):
 def _judge(config, clients, extra):
     from .judge import JUDGMENT_SCHEMA, Judge
 
+    import pyarrow as pa
+
     judge = Judge(clients["judge"], config.judge)
-    fn = judge.judge
 
     async def work(row):
-        return await fn(row)
+        out = await judge.judge(row)
+        out["status"] = "failed" if out.get("result") == "failed" else "judged"
+        return out
 
-    work.schema = JUDGMENT_SCHEMA
+    work.schema = JUDGMENT_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("_worker", pa.string()))
     return work

@@ -94,6 +94,9 @@ class AnthropicProvider(Provider):
             )
         return self._client
 
+    def prepare(self) -> None:
+        self._sdk().messages  # builds the client and its resource objects
+
     async def complete(self, request: Request) -> Completion:
         import anthropic
 

@@ -136,6 +136,13 @@ class Provider:
     async def complete(self, request: Request) -> Completion:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Build what the first call needs (SDK import and client) before a rate-limit permit is
+        taken. Idempotent and cheap after the first call. Without it the set-up cost (an SDK import
+        takes about a second) is paid after the permit was granted, so permits granted meanwhile
+        reach the server in one burst and draw 429s."""
+        return None
+
     async def aclose(self) -> None:
         return None
 

@@ -41,6 +41,9 @@ class OpenAIProvider(Provider):
             )
         return self._client
 
+    def prepare(self) -> None:
+        self._sdk().chat.completions  # builds the client and its resource objects
+
     async def complete(self, request: Request) -> Completion:
         import openai
 

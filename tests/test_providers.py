@@ -1,0 +1,458 @@
+"""The provider layer through the real openai / anthropic SDKs against the fake HTTP server.
+
+Every test goes the way production calls go: ``build_provider(config)`` -> :class:`LLMClient`
+(cache, gate permits, the one retry layer, ledger) -> the SDK (retries off) -> HTTP ->
+:class:`FakeLLMServer`. Backoff and ``Retry-After`` waits go through an injected recording
+``sleep``, so no test sleeps for long; only the shared-rate-limit tests run in real time (about
+6 s), because what they check is the request rate the server sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pickle
+import random
+import subprocess
+import sys
+
+import pytest
+
+from evoray.cache import ResponseCache
+from evoray.client import LLMClient, LocalGate
+from evoray.config import ProviderConfig
+from evoray.errors import MissingKeyError, ProviderError, RetriesExhausted
+from evoray.gate import Gatekeeper
+from evoray.providers import build_provider
+from evoray.providers.base import Request, retry_after_from_headers
+from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig, Fault, estimate_tokens, fetch_stats
+
+KEY = "sk-evoray-test-DISTINCTIVE-1234567890"
+KINDS = ["openai", "anthropic"]
+SCHEMA = {
+    "type": "object",
+    "properties": {"score": {"type": "number", "minimum": 0, "maximum": 5}, "explanation": {"type": "string"}},
+    "required": ["score", "explanation"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _keys(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+
+
+@pytest.fixture
+def server():
+    """A started fake server factory; every server is stopped after the test."""
+    started: list[FakeLLMServer] = []
+
+    def make(config: FakeServerConfig | None = None, responder=None) -> FakeLLMServer:
+        srv = FakeLLMServer(config or FakeServerConfig(), responder).start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
+
+
+def base_url(srv: FakeLLMServer, kind: str) -> str:
+    return srv.openai_base_url if kind == "openai" else srv.anthropic_base_url
+
+
+def config(srv: FakeLLMServer, kind: str = "openai", name: str = "main", model: str = "fake-model", **kw) -> ProviderConfig:
+    return ProviderConfig(name=name, kind=kind, model=model, base_url=base_url(srv, kind), **kw)
+
+
+class Recorder:
+    """An injected ``sleep``: records the delays, sleeps for none of them."""
+
+    def __init__(self):
+        self.delays: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.delays.append(seconds)
+        await asyncio.sleep(0)
+
+
+def client_for(cfgs: list[ProviderConfig], keeper: Gatekeeper | None = None, cache=None, sleep=None) -> LLMClient:
+    keeper = keeper or Gatekeeper(cfgs)
+    return LLMClient([build_provider(c) for c in cfgs], LocalGate(keeper), cache=cache,
+                     sleep=sleep or Recorder(), rng=random.Random(0))
+
+
+def req(text: str = "Explain photosynthesis briefly.", system: str | None = None, **kw) -> Request:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return Request(messages=messages, **kw)
+
+
+# ---- 1. the two SDK providers ---------------------------------------------------------------------
+
+
+async def test_openai_completion_usage_provider_and_model(server):
+    srv = server()
+    client = client_for([config(srv, "openai", name="oa", model="gpt-fake")])
+    r = req("Name three prime numbers.")
+    out = await client.complete(r)
+    await client.aclose()
+    assert out.text.strip() and not out.cached and out.attempts == 1
+    assert (out.provider, out.model) == ("oa", "gpt-fake")
+    assert out.input_tokens == sum(estimate_tokens(m["content"]) for m in r.messages)
+    assert out.output_tokens == estimate_tokens(out.text)
+    assert out.finish_reason == "stop" and out.parsed is None
+    stats = srv.stats()
+    assert stats["requests"] == stats["ok"] == 1 and stats["per_endpoint"] == {"/v1/chat/completions": 1}
+    tally = client.gate.keeper.ledger.to_dict()["providers"]["oa"]
+    assert (tally["requests"], tally["succeeded"], tally["input_tokens"], tally["output_tokens"]) == (
+        1, 1, out.input_tokens, out.output_tokens)
+
+
+async def test_openai_json_schema_gives_parsed_dict_and_system_passes_through(server):
+    seen: list[dict] = []
+
+    def responder(kind, body):
+        seen.append(body)
+        rf = body.get("response_format") or {}
+        if rf.get("type") == "json_schema":
+            return {"score": 4, "explanation": "fine", "schema_props": sorted(rf["json_schema"]["schema"]["properties"])}
+        return "system was: " + body["messages"][0]["content"]
+
+    srv = server(responder=responder)
+    client = client_for([config(srv, "openai")])
+    plain = await client.complete(req("hi", system="You are a careful rater."))
+    js = await client.complete(req("Rate this.", system="Reply in JSON.", json_schema=SCHEMA))
+    await client.aclose()
+    assert plain.text == "system was: You are a careful rater."
+    assert seen[0]["messages"][0] == {"role": "system", "content": "You are a careful rater."}
+    assert isinstance(js.parsed, dict)
+    assert js.parsed == {"score": 4, "explanation": "fine", "schema_props": ["explanation", "score"]}
+    assert seen[1]["response_format"]["type"] == "json_schema"
+
+
+async def test_anthropic_system_is_the_top_level_field_and_usage_is_read(server):
+    seen: list[dict] = []
+
+    def responder(kind, body):
+        assert kind == "anthropic"
+        seen.append(body)
+        return f"system={body.get('system')!s}|roles={','.join(m['role'] for m in body['messages'])}"
+
+    srv = server(responder=responder)
+    client = client_for([config(srv, "anthropic", name="claude", model="claude-fake")])
+    r = req("What is 2+2?", system="You are terse.")
+    out = await client.complete(r)
+    await client.aclose()
+    assert out.text == "system=You are terse.|roles=user"
+    assert seen[0]["system"] == "You are terse."
+    assert all(m["role"] != "system" for m in seen[0]["messages"])
+    assert (out.provider, out.model) == ("claude", "claude-fake")
+    # the fake counts the system prompt as input, like the real API
+    assert out.input_tokens == estimate_tokens("You are terse.") + estimate_tokens("What is 2+2?")
+    assert out.output_tokens == estimate_tokens(out.text)
+    assert srv.stats()["per_endpoint"] == {"/v1/messages": 1}
+
+
+async def test_anthropic_json_goes_through_output_config(server):
+    seen: list[dict] = []
+
+    def responder(kind, body):
+        seen.append(body)
+        fmt = body["output_config"]["format"]
+        assert fmt["type"] == "json_schema"
+        return {"score": 3.5, "explanation": "ok"}
+
+    srv = server(responder=responder)
+    client = client_for([config(srv, "anthropic")])
+    out = await client.complete(req("Rate this.", json_schema=SCHEMA))
+    await client.aclose()
+    assert out.parsed == {"score": 3.5, "explanation": "ok"}
+    sent = seen[0]["output_config"]["format"]["schema"]
+    # structured outputs accept no numeric bounds and want closed objects
+    assert "minimum" not in sent["properties"]["score"] and sent["additionalProperties"] is False
+    assert SCHEMA["properties"]["score"]["minimum"] == 0  # the caller's schema is not mutated
+
+
+async def test_anthropic_default_fake_reply_is_valid_json_for_a_schema(server):
+    srv = server()
+    client = client_for([config(srv, "anthropic")])
+    out = await client.complete(req("Rate this answer.", json_schema=SCHEMA))
+    await client.aclose()
+    assert isinstance(out.parsed, dict) and set(out.parsed) == {"score", "explanation"}
+
+
+# ---- 2. retries through the SDK path ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_retryable_faults_are_retried_until_the_request_completes(server, kind):
+    srv = server(FakeServerConfig(hang_s=5.0))
+    srv.script([Fault.RATE_LIMITED, Fault.ERROR_500, Fault.ERROR_503, Fault.MALFORMED, Fault.EMPTY, Fault.HANG,
+                "finally"])
+    sleep = Recorder()
+    client = client_for([config(srv, kind, max_attempts=8, timeout_s=0.5)], sleep=sleep)
+    out = await client.complete(req())
+    await client.aclose()
+    assert out.text == "finally" and out.attempts == 7
+    stats = srv.stats()
+    # SDK retries are off: the server saw exactly one request per attempt
+    assert stats["requests"] == out.attempts == 7
+    assert (stats["rate_limited"], stats["errors"], stats["malformed"], stats["empty"], stats["hangs"], stats["ok"]) == (
+        1, 2, 1, 1, 1, 1)
+    assert len(sleep.delays) == 6
+    led = client.gate.keeper.ledger.to_dict()["providers"]["main"]
+    assert (led["requests"], led["errors"], led["rate_limited"], led["succeeded"]) == (7, 6, 1, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_non_retryable_statuses_fail_at_once_naming_provider_model_status(server, kind, status):
+    srv = server(FakeServerConfig(error_rate=1.0, error_statuses=(status,)))
+    sleep = Recorder()
+    client = client_for([config(srv, kind, name="prov-x", model="model-y", max_attempts=5)], sleep=sleep)
+    with pytest.raises(ProviderError) as ei:
+        await client.complete(req())
+    await client.aclose()
+    e = ei.value
+    assert (e.provider, e.model, e.status, e.retryable) == ("prov-x", "model-y", status, False)
+    assert "prov-x" in str(e) and "model-y" in str(e) and str(status) in str(e)
+    assert srv.stats()["requests"] == 1 and sleep.delays == []
+    e2 = pickle.loads(pickle.dumps(e))  # crosses Ray
+    assert (e2.provider, e2.model, e2.status, str(e2)) == (e.provider, e.model, e.status, str(e))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_wrong_key_is_a_401_that_fails_at_once(server, kind):
+    srv = server(FakeServerConfig(required_key="sk-some-other-key-000000"))
+    client = client_for([config(srv, kind, max_attempts=5)])
+    with pytest.raises(ProviderError) as ei:
+        await client.complete(req())
+    await client.aclose()
+    assert ei.value.status == 401 and not ei.value.retryable
+    assert srv.stats()["unauthorized"] == 1 and srv.stats()["requests"] == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_unknown_path_is_a_404_that_fails_at_once(server, kind):
+    srv = server()
+    cfg = ProviderConfig(name="main", kind=kind, model="m", base_url=srv.url + "/no/such/prefix", max_attempts=5)
+    client = client_for([cfg])
+    with pytest.raises(ProviderError) as ei:
+        await client.complete(req())
+    await client.aclose()
+    assert ei.value.status == 404 and not ei.value.retryable
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_retry_after_is_honoured_exactly(server, kind):
+    # the fake sends retry-after-ms (exact) and retry-after (whole seconds, rounded up)
+    srv = server(FakeServerConfig(retry_after_s=2.25))
+    srv.script([Fault.RATE_LIMITED, Fault.RATE_LIMITED, "ok"])
+    sleep = Recorder()
+    client = client_for([config(srv, kind, max_attempts=4, backoff_base_s=0.01)], sleep=sleep)
+    out = await client.complete(req())
+    await client.aclose()
+    assert out.text == "ok" and out.attempts == 3
+    assert sleep.delays == [2.25, 2.25]
+    assert srv.stats()["requests"] == 3 and srv.stats()["rate_limited"] == 2
+
+
+def test_retry_after_header_parsing():
+    assert retry_after_from_headers({"retry-after": "7"}) == 7.0
+    assert retry_after_from_headers({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
+    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert retry_after_from_headers({}) is None and retry_after_from_headers(None) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_exhausted_retries_name_the_last_cause_and_send_one_request_per_attempt(server, kind):
+    srv = server(FakeServerConfig(error_rate=1.0, error_statuses=(503,)))
+    sleep = Recorder()
+    client = client_for([config(srv, kind, name="flaky", max_attempts=3, backoff_base_s=1.0, backoff_max_s=10)],
+                        sleep=sleep)
+    with pytest.raises(RetriesExhausted) as ei:
+        await client.complete(req())
+    await client.aclose()
+    assert ei.value.attempts == 3 and "503" in str(ei.value) and "flaky" in str(ei.value)
+    assert srv.stats()["requests"] == 3
+    # exponential backoff with full jitter: attempt n waits at most base * 2**(n-1)
+    assert len(sleep.delays) == 2 and 0 <= sleep.delays[0] <= 1.0 and 0 <= sleep.delays[1] <= 2.0
+
+
+# ---- 3. missing keys ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,env", [("openai", "OPENAI_API_KEY"), ("anthropic", "ANTHROPIC_API_KEY")])
+def test_missing_key_names_the_variable(monkeypatch, kind, env):
+    monkeypatch.delenv(env, raising=False)
+    with pytest.raises(MissingKeyError) as ei:
+        build_provider(ProviderConfig(name="p", kind=kind, model="m"))
+    assert ei.value.env_var == env and env in str(ei.value)
+    assert pickle.loads(pickle.dumps(ei.value)).env_var == env
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_custom_key_env_names_that_variable(monkeypatch, kind):
+    monkeypatch.delenv("EVORAY_TEST_CUSTOM_KEY", raising=False)
+    with pytest.raises(MissingKeyError) as ei:
+        build_provider(ProviderConfig(name="p", kind=kind, model="m", api_key_env="EVORAY_TEST_CUSTOM_KEY"))
+    assert ei.value.env_var == "EVORAY_TEST_CUSTOM_KEY" and "EVORAY_TEST_CUSTOM_KEY" in str(ei.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_custom_key_env_is_the_key_sent(server, monkeypatch, kind):
+    custom = "sk-evoray-custom-variable-key-42"
+    monkeypatch.setenv("EVORAY_TEST_CUSTOM_KEY", custom)
+    srv = server(FakeServerConfig(required_key=custom))
+    client = client_for([config(srv, kind, api_key_env="EVORAY_TEST_CUSTOM_KEY")])
+    out = await client.complete(req())
+    await client.aclose()
+    assert out.text and srv.stats()["unauthorized"] == 0
+
+
+def test_local_kind_needs_no_key(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    prov = build_provider(ProviderConfig(name="loc", kind="local", model="smollm2-135m"))
+    assert prov.kind == "local" and not prov.needs_key  # the model loads lazily, not here
+
+
+# ---- 4. one rate limit shared by every actor ------------------------------------------------------------
+
+# 30 requests a second: the issue's 600 rpm scaled up 3x so the test runs in ~5 s. (At 3000 rpm the
+# test flaked on a loaded 2-core machine: the gap between a permit and the request reaching the
+# server, which is CPU time, not design, then exceeded the half second of slack the two buckets
+# leave; at 1800 rpm it stays well inside it.)
+RPM = 1800
+PER_ACTOR = 45
+
+_SERVER_PROCESS = """
+import sys
+from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig
+srv = FakeLLMServer(FakeServerConfig(rpm=float(sys.argv[1]), burst_seconds=1.0)).start()
+print(srv.url, flush=True)
+sys.stdin.read()
+srv.stop()
+"""
+
+
+@pytest.fixture
+def limited_server_url():
+    """A fake server enforcing RPM, in its own process: the timing of its buckets does not share a
+    GIL with the 180 concurrent requests of the test (as a real API does not)."""
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER_PROCESS, str(RPM)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://"), "the fake server process did not start"
+        yield url
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def limited_config(url: str, **kw) -> ProviderConfig:
+    return ProviderConfig(name="main", kind="openai", model="fake-model", base_url=url + "/v1", rpm=RPM, **kw)
+
+
+async def _actor(client: LLMClient, actor: int, n: int):
+    return await asyncio.gather(
+        *(client.complete(req(f"actor {actor} request {i}")) for i in range(n)), return_exceptions=True)
+
+
+async def test_four_actors_sharing_one_gate_get_no_429(limited_server_url):
+    cfg = limited_config(limited_server_url, max_attempts=3)
+    keeper = Gatekeeper([cfg])  # ONE gatekeeper: in a Ray job this is the named gate actor
+    actors = [client_for([cfg], keeper=keeper) for _ in range(4)]  # each actor has its own SDK client
+    assert len({id(a.providers["main"]) for a in actors}) == 4
+    results = await asyncio.gather(*(_actor(a, i, PER_ACTOR) for i, a in enumerate(actors)))
+    for a in actors:
+        await a.aclose()
+    outs = [o for rs in results for o in rs]
+    assert [o for o in outs if isinstance(o, BaseException)] == []
+    stats = fetch_stats(limited_server_url)
+    assert stats["rate_limited"] == 0
+    assert stats["ok"] == stats["requests"] == 4 * PER_ACTOR
+    assert all(o.attempts == 1 for o in outs)
+    assert keeper.ledger.to_dict()["total"]["rate_limited"] == 0
+    # and the limit was used, not undercut: 180 requests at 30/s after a burst of 15 take ~5.5 s
+    span = stats["last_request_t"] - stats["first_request_t"]
+    assert span < 9.0
+
+
+async def test_contrast_four_actors_each_holding_the_full_limit_draw_429s(limited_server_url):
+    """Proves the test above can fail: per-actor limiters multiply the limit by four."""
+    cfg = limited_config(limited_server_url, max_attempts=1)
+    actors = [client_for([cfg], keeper=Gatekeeper([cfg])) for _ in range(4)]
+    results = await asyncio.gather(*(_actor(a, i, 25) for i, a in enumerate(actors)))
+    for a in actors:
+        await a.aclose()
+    failed = [o for rs in results for o in rs if isinstance(o, RetriesExhausted)]
+    assert fetch_stats(limited_server_url)["rate_limited"] > 0
+    assert failed and all("429" in str(f) for f in failed)
+
+
+# ---- 5. two providers, one failing: failover -------------------------------------------------------------
+
+
+async def test_failover_all_requests_served_by_the_healthy_provider(server):
+    bad_srv = server(FakeServerConfig(error_rate=1.0, error_statuses=(500,)))
+    good_srv = server()
+    bad = config(bad_srv, "openai", name="bad", model="bad-model", failures_before_cooldown=3, cooldown_s=300)
+    good = config(good_srv, "anthropic", name="good", model="good-model")
+    client = client_for([bad, good])
+    sem = asyncio.Semaphore(4)
+
+    async def one(i):
+        async with sem:
+            return await client.complete(req(f"row {i}"))
+
+    outs = await asyncio.gather(*(one(i) for i in range(40)))
+    await client.aclose()
+    assert len(outs) == 40
+    assert all((o.provider, o.model) == ("good", "good-model") for o in outs)
+    assert good_srv.stats()["ok"] == 40
+    # the failing provider was cooled down after three failures; only the requests in flight then hit it
+    assert 1 <= bad_srv.stats()["requests"] <= 3 + 4
+    assert client.gate.keeper.status()["bad"]["cooldowns"] >= 1
+    led = client.gate.keeper.ledger.to_dict()["providers"]
+    assert led["good"]["succeeded"] == 40 and led["bad"]["succeeded"] == 0
+
+
+# ---- 6. the response cache -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_repeated_request_is_a_cache_hit_and_sends_nothing(server, tmp_path, kind):
+    srv = server()
+    cache_dir = tmp_path / "cache"
+    cfg = config(srv, kind)
+    client = client_for([cfg], cache=ResponseCache(cache_dir))
+    first = await client.complete(req("Tell me about caching.", temperature=0.7, sample_index=0))
+    n = srv.stats()["requests"]
+    again = await client.complete(req("Tell me about caching.", temperature=0.7, sample_index=0))
+    assert srv.stats()["requests"] == n == 1
+    assert (first.cached, again.cached, again.text, again.provider) == (False, True, first.text, "main")
+    # another sample index is another answer
+    await client.complete(req("Tell me about caching.", temperature=0.7, sample_index=1))
+    assert srv.stats()["requests"] == 2
+    await client.aclose()
+
+    # a second run of the same job (new client, new provider object, same cache dir) sends nothing
+    second_run = client_for([cfg], cache=ResponseCache(cache_dir))
+    again2 = await second_run.complete(req("Tell me about caching.", temperature=0.7, sample_index=0))
+    await second_run.aclose()
+    assert again2.cached and again2.text == first.text and srv.stats()["requests"] == 2
+    assert second_run.gate.keeper.ledger.to_dict()["total"]["cache_hits"] == 1
+
+    files = [p for p in cache_dir.rglob("*") if p.is_file()]
+    assert len(files) == 2
+    for p in files:
+        blob = p.read_bytes()
+        assert KEY.encode() not in blob and b"DISTINCTIVE" not in blob
+        assert srv.url.encode() not in blob  # no base URL either
+        json.loads(blob)
