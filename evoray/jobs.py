@@ -206,6 +206,7 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     prog = ctx.progress(stage, total)
     budget_stopped = 0
     duplicates = 0
+    nodes: set[str] = set()
     seen: set[str] = set()
     ok = False
     try:
@@ -228,6 +229,10 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
                     keep.append(True)
             if not all(keep):
                 batch = batch.filter(pa.array(keep))
+            if "_worker" in batch.column_names:
+                for w in set(batch.column("_worker").to_pylist()):
+                    if w:
+                        nodes.add(json.loads(w).get("node_id", "?"))
             st_col = batch.column("status")
             n_failed = 0
             for st, name in tables.items():
@@ -253,6 +258,8 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     counts["input"] = total
     counts["budget_stopped"] = budget_stopped
     counts["duplicates_dropped"] = duplicates
+    counts["nodes"] = len(nodes)
+    (outdir / "_nodes.json").write_text(json.dumps(sorted(nodes)))
     return counts
 
 

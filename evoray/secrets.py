@@ -12,10 +12,13 @@ import logging
 import os
 import re
 
+_VALUE = r"[^\s,;'\"]{6,}"
 KEY_PATTERNS = [
-    re.compile(r"sk-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"),
-    re.compile(r"(?i)(api[_-]?key|authorization|x-api-key|bearer)(\s*[:=]\s*|\s+)[^\s,;'\"]{6,}"),
+    # sk-..., sk-ant-..., sk-proj-...: only at the start of a word ("task-oriented" is not a key)
+    re.compile(r"(?<![A-Za-z0-9])sk-[A-Za-z0-9_\-]{8,}"),
+    # key: VALUE, "api_key": "VALUE", Authorization: Bearer VALUE (the value, not the word Bearer)
+    re.compile(r"(?i)\b(api[_-]?key|authorization|x-api-key)([\"']?\s*[:=]\s*[\"']?(?:bearer\s+)?)" + _VALUE),
+    re.compile(r"(?i)\b(bearer)(\s+)" + _VALUE),
 ]
 KEY_ENV_HINTS = ("KEY", "TOKEN", "SECRET")
 
