@@ -10,7 +10,7 @@ Per provider it enforces:
 
 * ``rpm`` with an :class:`aiolimiter.AsyncLimiter` whose bucket holds ``burst`` permits and drains
   at ``rpm/60`` per second. Providers enforce per-minute limits over short windows (a 600 rpm key
-  allows about 10 requests in any one second), so ``burst`` is half a second's worth: the
+  allows about 10 requests in any one second), so ``burst`` is a quarter of a second's worth: the
   minute's budget is let out evenly, never in a burst, and the whole limit is still used.
 * ``tpm`` with a token bucket of the same shape that is charged an estimate before the call
   (prompt size + max_tokens) and corrected after it from the real usage (refund or debt).
@@ -123,7 +123,7 @@ class Gatekeeper:
         self,
         providers: list[ProviderConfig],
         budget_usd: float | None = None,
-        burst_seconds: float = 0.5,
+        burst_seconds: float = 0.25,
         lease_s: float | None = None,
     ):
         self.states = {p.name: _ProviderState(p, burst_seconds) for p in providers}

@@ -124,7 +124,7 @@ class AnthropicProvider(Provider):
         except anthropic.APIError as e:
             raise ProviderError(f"bad response: {type(e).__name__}", provider=self.name, model=self.model,
                                 retryable=True, kind="malformed") from None
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError; a TypeError is our bug, not retried
             raise ProviderError(f"malformed response body ({type(e).__name__})", provider=self.name,
                                 model=self.model, retryable=True, kind="malformed") from None
         blocks = getattr(resp, "content", None) or []

@@ -1,0 +1,423 @@
+"""Shared pieces of the benchmarks: sizes, the fake server in its own process, Ray, rows, memory, figures.
+
+Benchmarks are scripts, not tests: each ``bN_*.py`` has ``run(session_factory) -> list[Figure]``
+and a ``__main__`` that starts its own local Ray (``ray.init`` in this process, ``ray.shutdown``
+at the end; never a global ``ray stop``). ``run_all.py`` runs them all under one ``ray.init``.
+
+Environment:
+
+* ``BENCH_QUICK=1``: tiny sizes and one repetition (the smoke test uses it);
+* ``BENCH_FULL=1``: the largest sizes (B5's big run), beyond the 20-minute ``make bench`` budget;
+* ``BENCH_REPEATS=N``: repetitions per figure (default 3; the figure is their median).
+
+The fake LLM server runs in a separate Python process (:class:`ServerProcess`), so neither the
+evoray driver nor the plain reference shares a GIL with it; its counters are read over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FAKE_KEY = "sk-evoray-bench-FAKEKEY-0000"
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+FULL = os.environ.get("BENCH_FULL") == "1"
+REPEATS = int(os.environ.get("BENCH_REPEATS") or (1 if QUICK else 3))
+
+
+def repeats() -> int:
+    return max(1, REPEATS)
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# ---- figures ----------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    """One reported number: the median of ``runs``, its goal and whether it meets it."""
+
+    bench: str  # "B1" ...
+    name: str
+    value: float
+    unit: str = ""
+    goal: str = ""  # human text, e.g. ">= 0.98"
+    passed: bool | None = None  # None: no goal (context figure)
+    runs: list[float] = field(default_factory=list)
+    note: str = ""
+
+    def line(self) -> str:
+        verdict = "" if self.passed is None else ("PASS" if self.passed else "MISS")
+        runs = ", ".join(_fmt(r) for r in self.runs)
+        goal = f"  goal {self.goal}" if self.goal else ""
+        return f"FIGURE {self.bench} {self.name}: {_fmt(self.value)}{self.unit and ' ' + self.unit}" \
+               f"{goal}  {verdict}  (runs: {runs})".rstrip()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fmt(x: float) -> str:
+    if x != x:  # nan
+        return "n/a"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3f}"
+
+
+def figure(bench: str, name: str, runs: list[float], unit: str = "", goal: str = "",
+           check: Callable[[float], bool] | None = None, note: str = "") -> Figure:
+    v = median(runs)
+    f = Figure(bench, name, v, unit, goal, (bool(check(v)) if check and v == v else (False if check else None)),
+               [float(r) for r in runs], note)
+    print(f.line(), flush=True)
+    return f
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- machine ----------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = float("nan")
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem_gib = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return {"nproc": os.cpu_count(), "mem_gib": round(mem_gib, 1), "cpu": cpu, "python": platform.python_version(),
+            "load": os.getloadavg()}
+
+
+# ---- the fake server in its own process --------------------------------------------------------
+
+class ServerProcess:
+    """A :class:`FakeLLMServer` in a child Python process. ``config`` holds FakeServerConfig fields."""
+
+    def __init__(self, **config: Any):
+        self.config = config
+        self.proc = subprocess.Popen([sys.executable, __file__, "serve", json.dumps(config)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("http"):
+            self.proc.kill()
+            raise RuntimeError(f"fake server did not start: {line!r}")
+        self.url = line
+        self.openai_base_url = line + "/v1"
+        self.pid = self.proc.pid
+
+    def stats(self) -> dict:
+        from evoray.testing.fake_server import fetch_stats
+
+        return fetch_stats(self.url, timeout=30)
+
+    def command(self, cmd: str) -> None:
+        """``reset`` (zero the counters and refill the buckets)."""
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline().strip() == "ok"
+
+    def reset(self) -> None:
+        self.command("reset")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _serve(config_json: str) -> None:
+    from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig
+
+    cfg = json.loads(config_json)
+    with FakeLLMServer(FakeServerConfig(**cfg)) as srv:
+        print(srv.url, flush=True)
+        for line in sys.stdin:  # until the parent closes stdin
+            if line.strip() == "reset":
+                srv.reset_stats()
+                srv.reset_limits()
+            print("ok", flush=True)
+
+
+def window_rate(stats: dict, count_key: str = "requests") -> float:
+    """Requests per second between the first and the last request the server saw."""
+    t0, t1 = stats.get("first_request_t"), stats.get("last_request_t")
+    n = stats.get(count_key, 0)
+    if not t0 or not t1 or t1 <= t0 or n < 2:
+        return float("nan")
+    return (n - 1) / (t1 - t0)
+
+
+# ---- Ray ----------------------------------------------------------------------------------------
+
+def init_ray(num_cpus: int = 4) -> None:
+    """This process's own local Ray (4 logical CPUs, like the test session: pool actors ask 0.25)."""
+    os.environ["OPENAI_API_KEY"] = FAKE_KEY  # workers inherit the env of the process that starts Ray
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace="evoray-bench", configure_logging=False,
+                 log_to_driver=False)
+    from actors.session import _quiet_ray_data
+
+    _quiet_ray_data()
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def provider(base_url: str, name: str = "fake", **kw: Any) -> dict:
+    d = {"name": name, "kind": "openai", "model": "fake-model", "base_url": base_url, "max_attempts": 6,
+         "backoff_base_s": 0.05, "backoff_max_s": 1.0, "timeout_s": 30}
+    d.update(kw)
+    return d
+
+
+def job_config(providers: list[dict], outdir: Path, **ray_kw: Any):
+    from evoray.config import JobConfig
+
+    return JobConfig.from_dict({
+        "providers": providers,
+        "output": {"dir": str(outdir)},
+        "ray": {"rater_actors": 4, "batch_size": 64, **ray_kw},
+        "cache": {"enabled": False},  # every request must reach the server
+        "rate": {"random_baseline": False, "parse_retries": 0},
+    })
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+
+def synthetic_rows(n: int, path: Path) -> Path:
+    """A canonical Parquet file of ``n`` distinct instruction rows (written in chunks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evoray.schema import ROW_SCHEMA
+
+    if path.exists() and pq.ParquetFile(path).metadata.num_rows == n:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    chunk = 50_000
+    with pq.ParquetWriter(tmp, ROW_SCHEMA) as w:
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            ids = [f"syn-{i:08d}" for i in range(start, start + k)]
+            cols = {
+                "id": ids,
+                "instruction": [f"Explain step {i} of making bread, and why it matters for the crumb." for i in
+                                range(start, start + k)],
+                "input": [""] * k,
+                "output": [f"Step {i}: knead the dough for ten minutes so the gluten develops; this gives an even, "
+                           f"open crumb." for i in range(start, start + k)],
+                "source": ["synthetic"] * k,
+                "meta": [None] * k,
+                "parent_id": [None] * k,
+                "round": [None] * k,
+                "method_id": [None] * k,
+            }
+            w.write_table(pa.Table.from_pydict(cols, schema=ROW_SCHEMA), row_group_size=4096)
+    os.replace(tmp, path)
+    return path
+
+
+def work_dir() -> Path:
+    d = Path(os.environ.get("BENCH_WORK") or (ROOT / "out" / "bench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ---- running evoray and the reference ---------------------------------------------------------------
+
+def rate_once(providers: list[dict], rows: Path, outdir: Path, **ray_kw: Any) -> dict[str, Any]:
+    """One ``stage_rate`` through a fresh JobContext (its own gate) on the running Ray; wall time."""
+    import shutil
+
+    from evoray.jobs import JobContext
+    from evoray.stages import stage_rate
+
+    shutil.rmtree(outdir, ignore_errors=True)
+    ctx = JobContext(job_config(providers, outdir, **ray_kw), quiet=True)
+    try:
+        ctx.session()  # the gate actor starts outside the timed part
+        t0 = time.perf_counter()
+        res = stage_rate(ctx, str(rows), outdir)
+        wall = time.perf_counter() - t0
+        ledger = ctx.ledger_dict()
+    finally:
+        ctx.close()
+    return {"wall_s": wall, "counts": res.counts, "ledger": ledger}
+
+
+def run_reference(base_url: str, n: int, rpm: float | None = None, concurrency: int = 64) -> dict[str, Any]:
+    """bench/plain_reference.py in its own process (its own GIL, like a user's script)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_reference.py"), base_url, str(n),
+                          str(rpm) if rpm else "none", str(concurrency)],
+                         capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": FAKE_KEY}, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"plain_reference failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- memory: /proc, no psutil needed -------------------------------------------------------------
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS", "VmHWM")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0]) * 1024
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _children_map() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def descendants(pid: int) -> list[int]:
+    kids = _children_map()
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in kids.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class MemorySampler:
+    """Peak RSS of this process (the driver) and of each Ray worker process of this process's Ray.
+
+    Resets the kernel's peak counters (``/proc/PID/clear_refs`` = 5) at start, samples ``VmRSS``
+    every ``every_s`` seconds in a thread, and at stop takes the max of the samples and ``VmHWM``.
+    ``exclude`` pids (the fake server) and their children are left out.
+    """
+
+    def __init__(self, exclude: list[int] | None = None, every_s: float = 0.2):
+        self.exclude = set(exclude or [])
+        self.every_s = every_s
+        self.peaks: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _pids(self) -> list[int]:
+        me = os.getpid()
+        kids = _children_map()
+        out, todo = [me], [me]
+        while todo:
+            p = todo.pop()
+            for c in kids.get(p, []):
+                if c in self.exclude:
+                    continue
+                out.append(c)
+                todo.append(c)
+        return out
+
+    def _sample(self) -> None:
+        for pid in self._pids():
+            st = _status(pid)
+            rss = max(st.get("VmRSS", 0), st.get("VmHWM", 0))
+            if rss > self.peaks.get(pid, 0):
+                self.peaks[pid] = rss
+            if pid == os.getpid():
+                self.names[pid] = "driver"
+            elif pid not in self.names or not self.names[pid].startswith("ray::") or "IDLE" in self.names[pid]:
+                self.names[pid] = (cmdline(pid) or comm(pid) or "?")[:60]
+
+    def start(self) -> "MemorySampler":
+        for pid in self._pids():
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        driver = self.peaks.get(os.getpid(), 0)
+        workers = {pid: (self.names.get(pid, "?"), rss) for pid, rss in self.peaks.items()
+                   if pid != os.getpid() and self.names.get(pid, "").startswith("ray::")}
+        other = {pid: (self.names.get(pid, "?"), rss) for pid, rss in self.peaks.items()
+                 if pid != os.getpid() and pid not in workers}
+        return {"driver": driver, "workers": workers, "other": other}
+
+
+if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "serve":
+    _serve(sys.argv[2])
