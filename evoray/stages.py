@@ -73,7 +73,6 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     ids = scored.column("id").to_pylist()
     scores = scored.column("score").to_pylist()
     kept_ids, _ = select(list(zip(ids, scores)), threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
-    kept_mask = pa.array([i in set(kept_ids) for i in ids]) if ids else pa.array([], pa.bool_())
     kept_set = set(kept_ids)
     kept_mask = pa.array([i in kept_set for i in ids], pa.bool_())
     for name, mask in (("kept", kept_mask), ("rejected", pc.invert(kept_mask))):

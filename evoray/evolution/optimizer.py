@@ -35,6 +35,7 @@ are at least ``dev_size + batch_size`` sampled rows; otherwise the dev set is th
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 import random
 import time
@@ -53,6 +54,8 @@ from .rules import Rule
 
 PROVIDER_ERROR = "provider_error"
 
+
+log = logging.getLogger("evoray")
 
 # ---- evaluation --------------------------------------------------------------------------------
 
@@ -236,7 +239,9 @@ class Optimizer:
         stopped = "steps"
         for t in range(1, c.steps + 1):
             batch = rng.sample(train, min(c.batch_size, len(train)))
+            log.info("[optimize] step %d: evolving %d trajectories of length %d", t, len(batch), c.trajectory_length)
             trajectories = await self._trajectories(current, batch)
+            log.info("[optimize] step %d: analysing them and proposing %d candidate methods", t, c.candidates)
             proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
                                                  c.temperature, c.top_p, max_tokens=c.max_tokens,
                                                  name_prefix=f"step{t}-candidate")
@@ -246,6 +251,7 @@ class Optimizer:
                 to_eval[current.id] = current
             for _, meth in cands:
                 to_eval.setdefault(meth.id, meth)
+            log.info("[optimize] step %d: evaluating %d method(s) on %d dev rows, concurrently", t, len(to_eval), len(dev))
             results = await self.evaluate(list(to_eval.values()), dev) if to_eval else []
             by_id = {r.method_id: r for r in results}
             missing = [mid for mid in to_eval if mid not in by_id]
@@ -287,6 +293,8 @@ class Optimizer:
                 "baseline_failure_rate": step_baseline,
                 "baseline": baseline_eval,
             })
+            log.info("[optimize] step %d: failure rates %s; best so far %.3f", t,
+                     ", ".join(f"{by_id[m.id].failure_rate:.3f}" for _, m in cands) or "none", current_rate)
             if stale >= c.patience:
                 stopped = "no_improvement"
                 break
