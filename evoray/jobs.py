@@ -192,17 +192,18 @@ def write_ledger(ctx: JobContext, outdir: Path) -> dict:
 
 def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, outdir: Path,
                    tables: dict[str, str], n_actors: int, extra: dict | None = None,
-                   schema: pa.Schema = RESULT_SCHEMA) -> dict[str, int]:
+                   schema: pa.Schema = RESULT_SCHEMA, formats: dict[str, str] | None = None) -> dict[str, int]:
     """Stream the input through a pool; route result rows by status into tables.
 
-    ``tables`` maps a status to a table name (e.g. {"scored": "scored", "failed": "failed"}).
+    ``tables`` maps a status to a table name (e.g. {"scored": "scored", "failed": "failed"});
+    ``formats`` overrides the output format for some tables (intermediate ones are always Parquet).
     Rows failed by the budget cap are not written (they were not done); returns counts per table
     and ``budget_stopped``.
     """
     session = ctx.session()
     total = count_rows(input_path)
     fmt = ctx.config.output.format
-    sinks = {name: TableSink(outdir, name, fmt, schema) for name in set(tables.values())}
+    sinks = {name: TableSink(outdir, name, (formats or {}).get(name, fmt), schema) for name in set(tables.values())}
     prog = ctx.progress(stage, total)
     budget_stopped = 0
     duplicates = 0

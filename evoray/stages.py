@@ -68,33 +68,42 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     clear_marker(outdir)
     fmt = cfg.output.format
     counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
-                            cfg.ray.rater_actors)
-    scored = read_any(outdir / f"_scored.{fmt}") if counts.get("_scored") else pa.Table.from_pylist([], schema=RESULT_SCHEMA)
-    ids = scored.column("id").to_pylist()
-    scores = scored.column("score").to_pylist()
+                            cfg.ray.rater_actors, formats={"_scored": "parquet"})
+    # selection needs only (id, score); the rows themselves are streamed from the scored file
+    scored_path = outdir / "_scored.parquet"
+    pairs = pq.read_table(scored_path, columns=["id", "score"]) if scored_path.exists() else None
+    ids = pairs.column("id").to_pylist() if pairs is not None else []
+    scores = pairs.column("score").to_pylist() if pairs is not None else []
+    del pairs
     kept_ids, _ = select(list(zip(ids, scores)), threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
     kept_set = set(kept_ids)
-    kept_mask = pa.array([i in kept_set for i in ids], pa.bool_())
-    for name, mask in (("kept", kept_mask), ("rejected", pc.invert(kept_mask))):
-        part = scored.filter(mask)
-        part = part.set_column(part.schema.get_field_index("status"), "status",
-                               pa.array([name] * part.num_rows, pa.string()))
-        sink = TableSink(outdir, name, fmt, RESULT_SCHEMA)
-        sink.write(part)
+    del kept_ids
+    sinks = {name: TableSink(outdir, name, fmt, RESULT_SCHEMA) for name in ("kept", "rejected")}
+    if scored_path.exists():
+        for batch in pq.ParquetFile(scored_path).iter_batches(batch_size=10_000):
+            t = pa.Table.from_batches([batch])
+            mask = pa.array([i in kept_set for i in t.column("id").to_pylist()], pa.bool_())
+            for name, m in (("kept", mask), ("rejected", pc.invert(mask))):
+                part = t.filter(m)
+                part = part.set_column(part.schema.get_field_index("status"), "status",
+                                       pa.array([name] * part.num_rows, pa.string()))
+                sinks[name].write(part)
+    for sink in sinks.values():
         sink.close()
-    (outdir / f"_scored.{fmt}").unlink(missing_ok=True)
+    scored_path.unlink(missing_ok=True)
     counts.pop("_scored", None)
-    counts["kept"], counts["rejected"] = len(kept_set), len(ids) - len(kept_set)
+    counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
     # the random baseline: a seeded subset of all input rows, the size of the kept set
     if cfg.rate.random_baseline:
         all_ids = pq.read_table(input_path, columns=["id"]).column("id").to_pylist()
         base = set(random_baseline(all_ids, len(kept_set), seed=cfg.rate.seed))
-        inp = pq.read_table(input_path)
-        sub = inp.filter(pa.array([i in base for i in inp.column("id").to_pylist()], pa.bool_()))
+        del all_ids
         sink = TableSink(outdir, "random_baseline", fmt, RESULT_SCHEMA)
-        sink.write(sub.to_pylist())
+        for batch in pq.ParquetFile(input_path).iter_batches(batch_size=10_000):
+            rows = [r for r in batch.to_pylist() if r["id"] in base]
+            sink.write(rows)
         sink.close()
-        counts["random_baseline"] = sub.num_rows
+        counts["random_baseline"] = sink.rows
     buckets = bucket_counts([s for s in scores if s is not None], counts.get("failed", 0))
     (outdir / "scores.json").write_text(json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),

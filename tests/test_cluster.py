@@ -32,8 +32,6 @@ from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig
 
 from conftest import FAKE_KEY, fake_provider
 
-pytestmark = pytest.mark.cluster
-
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
@@ -152,6 +150,7 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
     return hits
 
 
+@pytest.mark.cluster
 def test_submit_rating_job_to_two_node_cluster(cluster, shared_data, tmp_path):
     from ray.job_submission import JobSubmissionClient
 
@@ -163,6 +162,8 @@ def test_submit_rating_job_to_two_node_cluster(cluster, shared_data, tmp_path):
             "providers": [fake_provider(srv, rpm=RPM)],
             "input": {"path": str(shared_data / "alpagasus/random_9k.json"), "limit": ROWS},
             "output": {"dir": "out/ignored"},  # -o below wins
+            # 4 actors x 2 requests in flight could send far more than 20/s: only the job's one gate,
+            # shared by the actors of both nodes, keeps them at the server's limit
             "ray": {"rater_actors": 4, "spread": True, "actor_num_cpus": 0.25, "actor_concurrency": 2,
                     "batch_size": 25},
             "cache": {"dir": str(cache)},
@@ -243,3 +244,89 @@ def test_submit_needs_an_address(tmp_path):
     r = subprocess.run([str(BIN / "evoray"), "submit", str(cfg)], env=_base_env(), capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--address" in r.stderr
+
+
+# ---- without a cluster: sealing, the shipped folder, what is printed ---------------------------------
+
+def test_seal_roundtrip_and_wrong_token():
+    from cluster.runtime_env import SealError, seal, unseal
+
+    blob = seal({"OPENAI_API_KEY": FAKE_KEY}, "cluster-token")
+    assert FAKE_KEY not in blob and "FAKEKEY" not in blob
+    assert unseal(blob, "cluster-token") == {"OPENAI_API_KEY": FAKE_KEY}
+    assert seal({"OPENAI_API_KEY": FAKE_KEY}, "cluster-token") != blob  # fresh salt each time
+    with pytest.raises(SealError) as e:
+        unseal(blob, "another-token")
+    assert FAKE_KEY not in str(e.value)
+    tampered = blob[:-6] + ("A" if blob[-6] != "A" else "B") + blob[-5:]
+    with pytest.raises(SealError):
+        unseal(tampered, "cluster-token")
+
+
+def test_unseal_environ_opens_into_this_process(monkeypatch):
+    from cluster.runtime_env import SEALED_ENV_VAR, seal, unseal_environ
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv(SEALED_ENV_VAR, seal({"OPENAI_API_KEY": FAKE_KEY}, "tok-123"))
+    monkeypatch.setattr("cluster.runtime_env._cluster_token", lambda: os.environ["RAY_AUTH_TOKEN"])
+    assert unseal_environ() == ["OPENAI_API_KEY"]
+    assert os.environ["OPENAI_API_KEY"] == FAKE_KEY
+
+
+def test_build_job_ships_named_files_and_masks_keys(tmp_path, monkeypatch):
+    from cluster.runtime_env import SEALED_ENV_VAR, build_job, unseal
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/in.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/in.jsonl").write_text('{"instruction": "z", "output": "w"}\n')
+    (tmp_path / "method.txt").write_text("Rewrite #Instruction# to be harder.")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "providers": [{"name": "main", "kind": "openai"}],
+        "input": {"path": "data/in.jsonl,other/in.jsonl"},
+        "evolve": {"method": "method.txt"},
+        "judge": {"answers_a": "/cluster/only/a.jsonl"},
+        "pipeline": ["evolve", "rate"],
+    }))
+    env = {"OPENAI_API_KEY": FAKE_KEY}
+    spec = build_job(cfg, overrides=["rate.threshold=4.0"], output="/abs/out", pass_env=["OPENAI_API_KEY"],
+                     token="tok", environ=env)
+    try:
+        shipped = yaml.safe_load((spec.workdir / "config.yaml").read_text())
+        a, b = shipped["input"]["path"].split(",")
+        assert (spec.workdir / a).read_text().startswith('{"instruction": "x"')
+        assert (spec.workdir / b).read_text().startswith('{"instruction": "z"') and a != b
+        assert (spec.workdir / shipped["evolve"]["method"]).is_file()
+        assert shipped["judge"]["answers_a"] == "/cluster/only/a.jsonl"  # not local: left for the cluster
+        assert shipped["rate"]["threshold"] == 4.0 and shipped["output"]["dir"] == "/abs/out"
+        assert spec.entrypoint == "python -m cluster.runtime_env run config.yaml"
+        assert spec.runtime_env["worker_process_setup_hook"] == "cluster.runtime_env.unseal_environ"
+        assert unseal(spec.runtime_env["env_vars"][SEALED_ENV_VAR], "tok") == env
+        text = spec.describe()
+        assert "OPENAI_API_KEY=***" in text and FAKE_KEY not in text
+        assert spec.runtime_env["env_vars"][SEALED_ENV_VAR] not in text
+        assert FAKE_KEY not in "".join(p.read_text() for p in spec.workdir.rglob("*") if p.is_file())
+    finally:
+        spec.cleanup()
+    assert not spec.workdir.exists()
+
+
+def test_pass_env_refused_without_token_or_value(tmp_path):
+    from cluster.runtime_env import build_job
+    from evoray.errors import UsageError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("providers:\n  - {name: x, kind: openai}\n")
+    with pytest.raises(UsageError, match="token authentication"):
+        build_job(cfg, pass_env=["OPENAI_API_KEY"], token=None, environ={"OPENAI_API_KEY": FAKE_KEY})
+    with pytest.raises(UsageError, match="not set"):
+        build_job(cfg, pass_env=["OPENAI_API_KEY"], token="t", environ={})
+    spec = build_job(cfg, token=None, environ={})  # no key asked for: no token needed, plain entrypoint
+    try:
+        assert spec.entrypoint == "evoray run config.yaml" and "worker_process_setup_hook" not in spec.runtime_env
+        assert any("--pass-env OPENAI_API_KEY" in n for n in spec.notes)
+    finally:
+        spec.cleanup()

@@ -1,0 +1,97 @@
+"""B5 memory at scale: rating a small and a large synthetic set (zero latency, no limit) through
+``stage_rate``: peak RSS of the driver and of each Ray worker process, and wall time.
+
+Sizes: 10,000 and ``BENCH_B5_BIG`` rows (default 50,000, the largest that fits ``make bench``'s
+20 minutes on 2 cores next to the other benchmarks; ``BENCH_FULL=1`` runs 1,000,000). The wall
+time of 1,000,000 rows is projected from the measured rate when it is not run.
+Peaks: the kernel's high-water marks (``VmHWM``, reset through ``/proc/PID/clear_refs`` before each
+run) and ``VmRSS`` sampled every 0.2 s, read from /proc (no psutil needed).
+"""
+
+from __future__ import annotations
+
+import os
+
+import common
+from common import FULL, QUICK, ServerProcess, MemorySampler, figure, provider, rate_once, say, synthetic_rows, \
+    work_dir
+
+ACTORS = 4
+GIB = 2**30
+
+
+def sizes() -> tuple[int, int]:
+    if QUICK:
+        return 500, 2000
+    big = int(os.environ.get("BENCH_B5_BIG") or (1_000_000 if FULL else 50_000))
+    return 10_000, big
+
+
+def one(srv, n: int) -> dict:
+    rows = synthetic_rows(n, work_dir() / f"rows_{n}.parquet")
+    srv.reset()
+    sampler = MemorySampler(exclude=[srv.pid]).start()
+    r = rate_once([provider(srv.openai_base_url)], rows, work_dir() / "b5", rater_actors=ACTORS, batch_size=64)
+    mem = sampler.stop()
+    workers = mem["workers"]
+    top = sorted(workers.values(), key=lambda x: -x[1])
+    out = {"n": n, "wall_s": r["wall_s"], "driver": mem["driver"], "worker_max": top[0][1] if top else 0,
+           "worker_sum": sum(v for _, v in top), "workers": top, "counts": r["counts"]}
+    say(f"  B5 {n:,} rows: wall {r['wall_s']:.1f} s ({n / r['wall_s']:.0f} rows/s), driver peak "
+        f"{mem['driver'] / 2**20:.0f} MiB, largest worker {out['worker_max'] / 2**20:.0f} MiB, "
+        f"{len(top)} worker processes ({out['worker_sum'] / 2**20:.0f} MiB together)")
+    for name, rss in top[:8]:
+        say(f"      {rss / 2**20:7.0f} MiB  {name}")
+    return out
+
+
+def run() -> list:
+    small, big = sizes()
+    res: dict[int, list[dict]] = {small: [], big: []}
+    reps_small = common.repeats()
+    reps_big = common.repeats() if big <= 50_000 else 1
+    with ServerProcess(latency_s=0.0, latency_dist="fixed") as srv:
+        for _ in range(reps_small):
+            res[small].append(one(srv, small))
+        for _ in range(reps_big):
+            res[big].append(one(srv, big))
+    med = lambda n, k: common.median([r[k] for r in res[n]])
+    d_s, d_b = med(small, "driver"), med(big, "driver")
+    w_s, w_b = med(small, "worker_max"), med(big, "worker_max")
+    rate_small = small / med(small, "wall_s")
+    rate_big = big / med(big, "wall_s")
+    note = ""
+    if big < 1_000_000:
+        proj = 1_000_000 / rate_big
+        note = (f"1,000,000 rows not run: at the measured {rate_big:.0f} rows/s it would take about "
+                f"{proj / 60:.0f} min, beyond the 20-minute budget (BENCH_FULL=1 runs it).")
+        say("  B5 " + note)
+    figs = [
+        figure("B5", f"driver peak RSS, {big:,} rows / {small:,} rows", [r["driver"] / d_s for r in res[big]],
+               goal="<= 1.2", check=lambda v: v <= 1.2),
+        figure("B5", f"largest worker peak RSS, {big:,} rows / {small:,} rows", [r["worker_max"] / w_s for r in res[big]],
+               goal="<= 1.2", check=lambda v: v <= 1.2),
+        figure("B5", f"driver peak RSS at {big:,} rows", [r["driver"] / GIB for r in res[big]], unit="GiB",
+               goal="< 2", check=lambda v: v < 2),
+        figure("B5", f"largest worker peak RSS at {big:,} rows", [r["worker_max"] / GIB for r in res[big]], unit="GiB",
+               goal="< 2", check=lambda v: v < 2),
+        figure("B5", f"driver peak RSS at {small:,} rows", [r["driver"] / GIB for r in res[small]], unit="GiB"),
+        figure("B5", f"largest worker peak RSS at {small:,} rows", [r["worker_max"] / GIB for r in res[small]], unit="GiB"),
+        figure("B5", f"all Ray worker processes together at {big:,} rows", [r["worker_sum"] / GIB for r in res[big]],
+               unit="GiB"),
+        figure("B5", f"wall time {small:,} rows", [r["wall_s"] for r in res[small]], unit="s"),
+        figure("B5", f"wall time {big:,} rows", [r["wall_s"] for r in res[big]], unit="s", note=note),
+        figure("B5", f"rate at {small:,} rows", [small / r["wall_s"] for r in res[small]], unit="rows/s"),
+        figure("B5", f"rate at {big:,} rows", [big / r["wall_s"] for r in res[big]], unit="rows/s"),
+    ]
+    figs[0].note = "; ".join(f"{r['n']:,} rows: workers " + ", ".join(f"{n.split()[0]} {v / 2**20:.0f} MiB" for n, v in r["workers"][:6])
+                             for r in (res[small][0], res[big][0]))
+    return figs
+
+
+if __name__ == "__main__":
+    common.init_ray()
+    try:
+        run()
+    finally:
+        common.shutdown_ray()
