@@ -120,7 +120,7 @@ class Evolver:
                 comp = await self._evolve_once(current, calls)
                 raw = comp.text
                 try:
-                    evolved = extract_instruction(comp.text, self.method)
+                    evolved = extract_instruction(comp.text, self.method, original=current)
                 except ParseError as e:
                     rule, reason = NO_FINAL_INSTRUCTION, f"round {r}: {e.message}"
                     break
@@ -177,7 +177,7 @@ class Evolver:
                 comp = await self._evolve_once(current, calls)
                 step["reply"] = comp.text
                 try:
-                    evolved = extract_instruction(comp.text, self.method)
+                    evolved = extract_instruction(comp.text, self.method, original=current)
                 except ParseError as e:
                     step["failed"], step["reason"] = NO_FINAL_INSTRUCTION, e.message
                     break

@@ -66,13 +66,17 @@ def _last_end(reply: str, groups: list[tuple[re.Pattern, re.Pattern]], loose: bo
     return None
 
 
-def _clean(rest: str) -> str:
-    rest = rest.strip()
+def _clean(rest: str, scan: str | None = None) -> str:
+    """The text after a marker; ``scan`` is the same text with echoed row data blanked, where a
+    following ``#Section#`` heading is looked for."""
+    scan = rest if scan is None else scan
+    lead = len(rest) - len(rest.lstrip())
+    rest, scan = rest.strip(), scan[lead:]
     if rest.startswith("```"):
         m = _FENCE.match(rest)
         rest = m.group(1) if m else rest.strip("`")
     else:
-        sec = _SECTION_LINE.search(rest)
+        sec = _SECTION_LINE.search(scan)
         if sec:
             rest = rest[: sec.start()]
     rest = rest.strip()
@@ -82,16 +86,29 @@ def _clean(rest: str) -> str:
     return rest
 
 
-def extract_instruction(reply: str, method: Method | None = None) -> str:
-    """The evolved instruction in ``reply``: the text after its last final marker (see the module)."""
+def _mask_echoes(reply: str, original: str | None, groups: list[tuple[re.Pattern, re.Pattern]]) -> str:
+    """``reply`` with verbatim copies of ``original`` blanked (same length), when ``original`` itself
+    holds a marker: markers that came with the row's data are not the reply's own."""
+    if not original or _last_end(original, groups + [_OTHER]) is None:
+        return reply
+    return reply.replace(original, "\0" * len(original))
+
+
+def extract_instruction(reply: str, method: Method | None = None, original: str | None = None) -> str:
+    """The evolved instruction in ``reply``: the text after its last final marker (see the module).
+
+    ``original`` (the instruction that was evolved): markers inside a verbatim echo of it in the
+    reply are ignored, so an instruction that carries ``#Finally Rewritten Instruction#`` cannot
+    pass its own text off as the reply's answer."""
     reply = reply or ""
     first = [p for p in (_method_patterns(method), _FINAL) if p is not None]
-    end = _last_end(reply, first)
+    scan = _mask_echoes(reply, original, first)
+    end = _last_end(scan, first)
     if end is None:
-        end = _last_end(reply, [_OTHER], loose=False)
+        end = _last_end(scan, [_OTHER], loose=False)
     if end is None:
         raise ParseError("the evolution reply has no final rewritten instruction marker", raw=reply)
-    text = _clean(reply[end:])
+    text = _clean(reply[end:], scan[end:])
     if not re.search(r"\w", text):
         raise ParseError("the evolution reply's final rewritten instruction is empty", raw=reply)
     return text
