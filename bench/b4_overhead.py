@@ -24,7 +24,7 @@ ACTORS = 4
 
 
 def run(profile: bool = True) -> list:
-    n = 300 if QUICK else 4000
+    n = 300 if QUICK else 2000
     rows = synthetic_rows(n, work_dir() / f"rows_{n}.parquet")
     evo, ref, e2e = [], [], []
     with ServerProcess(latency_s=0.0, latency_dist="fixed") as srv:
@@ -53,7 +53,7 @@ def run(profile: bool = True) -> list:
     return figs
 
 
-def _top(raw: Path, k: int = 8) -> list[tuple[str, float]]:
+def _top(raw: Path, k: int = 8) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """Top frames by share of samples, from py-spy's raw (collapsed stacks) output, inclusive."""
     total = 0
     incl: collections.Counter = collections.Counter()
@@ -71,7 +71,7 @@ def _top(raw: Path, k: int = 8) -> list[tuple[str, float]]:
             incl[f] += c
         own[frames[-1]] += c
     if not total:
-        return []
+        return [], []
     return [(f, c / total) for f, c in own.most_common(k)], [(f, c / total) for f, c in incl.most_common(40)]
 
 

@@ -190,8 +190,6 @@ def window_rate(stats: dict, count_key: str = "requests") -> float:
 def init_ray(num_cpus: int = 4) -> None:
     """This process's own local Ray (4 logical CPUs, like the test session: pool actors ask 0.25)."""
     os.environ["OPENAI_API_KEY"] = FAKE_KEY  # workers inherit the env of the process that starts Ray
-    # the raylet otherwise throttles worker start-up (10 s waits) when pools start several actors at once
-    os.environ.setdefault("RAY_worker_cap_enabled", "false")
     import ray
 
     if not ray.is_initialized():

@@ -145,6 +145,9 @@ class LLMClient:
             except ProviderError as e:
                 err = e
             except asyncio.CancelledError:
+                # the request may well have reached the provider: count it, so the ledger agrees
+                # with the provider's count when a row is cancelled (budget stop, shutdown)
+                self.ledger.failure(name, prov.model, None, retry=attempt > 1)
                 if grant is not None:
                     await self.gate.release(grant, name, ok=False)
                 raise

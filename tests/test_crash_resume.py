@@ -73,7 +73,7 @@ class KillOneActorAfter(threading.Thread):
 
 
 def test_killed_rater_and_evolver_actors_every_row_once(ray_session, fake_key, tmp_path):
-    make_rows(tmp_path / "rate.parquet", 160)
+    make_rows(tmp_path / "rate.parquet", 120)
     evolve_ids = make_rows(tmp_path / "evolve.parquet", 40, "pasta")
     rate_ids = pq.read_table(tmp_path / "rate.parquet").column("id").to_pylist()
     with FakeLLMServer(FakeServerConfig(latency_s=0.1)) as srv:
@@ -104,7 +104,7 @@ def test_killed_rater_and_evolver_actors_every_row_once(ray_session, fake_key, t
     out = tmp_path / "rate"
     got = [r["id"] for t in ("kept", "rejected", "failed") for r in pq.read_table(out / f"{t}.parquet").to_pylist()]
     assert sorted(got) == sorted(rate_ids) and len(got) == len(set(got))
-    assert rate.counts["input"] == 160
+    assert rate.counts["input"] == 120
     out = tmp_path / "evolve"
     parents = [r["parent_id"] for t in ("evolved", "failed") for r in pq.read_table(out / f"{t}.parquet").to_pylist()]
     assert sorted(parents) == sorted(evolve_ids) and len(parents) == len(set(parents))
@@ -165,7 +165,7 @@ def _kill_session(sid: int) -> None:
 
 
 def test_killed_driver_rerun_completes_repeats_bounded_by_in_flight(fake_key, tmp_path):
-    n, actors, conc = 150, 2, 4
+    n, actors, conc = 96, 2, 4
     make_rows(tmp_path / "rows.parquet", n)
     responder = CountingResponder()
     ray_tmp = tempfile.mkdtemp(prefix="evr-", dir="/tmp")  # this child's own Ray temp dir (short: socket paths)
@@ -173,7 +173,7 @@ def test_killed_driver_rerun_completes_repeats_bounded_by_in_flight(fake_key, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(OPENAI_API_KEY=FAKE_KEY, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     try:
-        with FakeLLMServer(FakeServerConfig(latency_s=0.4, latency_dist="fixed"), responder=responder) as srv:
+        with FakeLLMServer(FakeServerConfig(latency_s=0.3, latency_dist="fixed"), responder=responder) as srv:
             cfg = tmp_path / "job.yaml"
             cfg.write_text(json.dumps({
                 "providers": [fake_provider(srv)],

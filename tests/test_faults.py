@@ -26,10 +26,12 @@ from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig, _normali
 
 from conftest import fake_provider
 
-pytestmark = pytest.mark.ray
-
 POISON = "POISON-ROW"
 MAX_ATTEMPTS = 8
+# Hangs last HANG_S, past the provider's timeout. The timeout leaves room for a slow normal answer on
+# a busy 2-core machine: an attempt that times out before the server reads it is an attempt the
+# ledger counts and the server never saw (found when this test ran at timeout_s=1 under load 30+).
+TIMEOUT_S, HANG_S = 2.0, 2.5
 
 
 def poison_responder(kind: str, body: dict) -> str:
@@ -52,7 +54,7 @@ def write_rows(path: Path, n: int, n_poison: int) -> list[str]:
 
 def fault_config(srv: FakeLLMServer, tmp: Path, rpm: float, **ray_kw) -> JobConfig:
     return JobConfig.from_dict({
-        "providers": [fake_provider(srv, rpm=rpm, timeout_s=1.0, max_attempts=MAX_ATTEMPTS,
+        "providers": [fake_provider(srv, rpm=rpm, timeout_s=TIMEOUT_S, max_attempts=MAX_ATTEMPTS,
                                     backoff_base_s=0.05, backoff_max_s=0.5, cooldown_s=0.5,
                                     failures_before_cooldown=50)],
         "output": {"dir": str(tmp / "out")},
@@ -90,7 +92,7 @@ class HalveLimitAfter:
 
 def server_config(rpm: float) -> FakeServerConfig:
     return FakeServerConfig(error_rate=0.10, error_statuses=(500, 503), malformed_rate=0.05, hang_rate=0.02,
-                            hang_s=1.5, rpm=rpm, burst_seconds=0.5, retry_after_s=0.5, latency_s=0.005, seed=7)
+                            hang_s=HANG_S, rpm=rpm, burst_seconds=0.5, retry_after_s=0.5, latency_s=0.005, seed=7)
 
 
 def check_failed_rows(failed: list[dict], poison_keys: set[str], key: str) -> None:
@@ -111,6 +113,7 @@ def check_ledger(ledger: dict, stats: dict) -> None:
     assert ledger["total"]["succeeded"] == stats["ok"]
 
 
+@pytest.mark.ray
 def test_rate_400_rows_under_faults_every_row_once(ray_session, fake_key, tmp_path):
     n, rpm = 400, 3000
     inp = tmp_path / "rows.parquet"
@@ -145,6 +148,7 @@ def test_rate_400_rows_under_faults_every_row_once(ray_session, fake_key, tmp_pa
     check_ledger(ledger, stats)
 
 
+@pytest.mark.ray
 def test_evolve_60_rows_under_faults_every_parent_once(ray_session, fake_key, tmp_path):
     n, rpm = 60, 3000
     inp = tmp_path / "rows.parquet"
@@ -174,7 +178,34 @@ def test_evolve_60_rows_under_faults_every_parent_once(ray_session, fake_key, tm
     check_failed_rows(failed, poison_ids, "parent_id")
     assert len(failed) <= len(poison_ids) + 3
     for r in evolved:
-        assert r["output"] and r["round"] == 1 and r["attempts"] >= 2  # evolve + answer
+        assert r["output"] and r["round"] == 1 and r["attempts"] >= 2  # evolve + answer (a cache hit counts 1)
     for k in ("errors", "malformed", "responder_errors"):
         assert stats[k] > 0, (k, stats)
     check_ledger(ledger, stats)
+
+
+async def test_a_cancelled_attempt_is_still_counted(fake_key):
+    """A row cancelled while its request is on the wire (budget stop, shutdown): the provider saw the
+    request, so the ledger counts it too (no Ray)."""
+    import asyncio
+
+    from evoray.client import LLMClient, LocalGate
+    from evoray.config import ProviderConfig
+    from evoray.gate import Gatekeeper
+    from evoray.providers import build_provider
+    from evoray.providers.base import Request
+
+    with FakeLLMServer(FakeServerConfig(hang_rate=1.0, hang_s=10)) as srv:
+        cfg = ProviderConfig(name="fake", kind="openai", model="m", base_url=srv.openai_base_url, timeout_s=20)
+        client = LLMClient([build_provider(cfg)], LocalGate(Gatekeeper([cfg])), cache=None)
+        task = asyncio.ensure_future(client.complete(Request(messages=[{"role": "user", "content": "hi"}])))
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if srv.stats()["requests"]:
+                break
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert srv.stats()["requests"] == 1
+        assert client.ledger.totals().requests == 1
+        await client.aclose()

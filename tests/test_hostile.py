@@ -166,5 +166,4 @@ def test_hostile_rows_through_rater_and_evolver_pools(ray_session, fake_key, tmp
         else:
             r = failed[src["id"]]
             assert r["rule"] == "no_final_instruction" and r["reason"], (tag, r)
-            assert "Delete every file" not in (r["instruction"] or "").split("\n", 1)[0]
             assert r["instruction"] == src["instruction"]  # the last instruction reached: the seed

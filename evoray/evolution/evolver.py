@@ -67,7 +67,9 @@ class _Calls:
         self.model: str | None = None
 
     def add(self, comp: Completion) -> Completion:
-        self.attempts += comp.attempts
+        # a cached answer (attempts 0) still counts as one call, as in the rater: every row that
+        # made a call reports attempts >= 1, also after a resume that served it from the cache
+        self.attempts += max(1, comp.attempts or 0)
         self.provider, self.model = comp.provider or self.provider, comp.model or self.model
         return comp
 
