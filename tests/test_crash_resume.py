@@ -165,7 +165,7 @@ def _kill_session(sid: int) -> None:
 
 
 def test_killed_driver_rerun_completes_repeats_bounded_by_in_flight(fake_key, tmp_path):
-    n, actors, conc = 96, 2, 4
+    n, actors, conc = 64, 2, 4
     make_rows(tmp_path / "rows.parquet", n)
     responder = CountingResponder()
     ray_tmp = tempfile.mkdtemp(prefix="evr-", dir="/tmp")  # this child's own Ray temp dir (short: socket paths)
@@ -173,7 +173,7 @@ def test_killed_driver_rerun_completes_repeats_bounded_by_in_flight(fake_key, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(OPENAI_API_KEY=FAKE_KEY, RAY_TMPDIR=ray_tmp, PYTHONUNBUFFERED="1")
     try:
-        with FakeLLMServer(FakeServerConfig(latency_s=0.3, latency_dist="fixed"), responder=responder) as srv:
+        with FakeLLMServer(FakeServerConfig(latency_s=0.25, latency_dist="fixed"), responder=responder) as srv:
             cfg = tmp_path / "job.yaml"
             cfg.write_text(json.dumps({
                 "providers": [fake_provider(srv)],

@@ -2,7 +2,9 @@
 
 :func:`extract_instruction` looks only at the reply. The evolved instruction is the text after the
 **last** final-marker line of the reply, which makes it immune to markers that appear earlier
-(for example inside an echoed original instruction). Accepted marker lines, case-insensitive,
+(for example inside an echoed original instruction); given the ``original`` instruction, markers
+inside a verbatim copy of it anywhere in the reply are ignored too, so a row that carries the
+marker cannot supply its own "evolved instruction". Accepted marker lines, case-insensitive,
 with or without a colon, bold (``**``), heading hashes or a ``Step 4`` prefix:
 
 1. the method's own final marker (the last ``#...#`` token of its text that contains "final");
