@@ -138,6 +138,9 @@ class EvolveConfig(Base):
         description="failure rules applied to evolutions (see evoray.evolution.rules)",
     )
     equality_check: bool = Field(False, description="also run the LLM Equal/Not-Equal information-gain check")
+    json_output: bool = Field(
+        False, description="ask for the final instruction as a JSON object {final_instruction} (schema-constrained where "
+                           "the provider supports it); helps small local models, which often never reach the final marker")
     max_tokens: int = Field(512, ge=8, description="max tokens of an evolution reply")
     answer_max_tokens: int = Field(512, ge=8, description="max tokens of an answer")
 
@@ -154,6 +157,9 @@ class OptimizeConfig(Base):
     top_p: float = Field(0.95, gt=0, le=1, description="optimizer nucleus sampling")
     seed: int = Field(0, description="seed of the samples")
     max_tokens: int = Field(1024, ge=16, description="max tokens of an optimizer reply")
+    json_output: bool = Field(
+        False, description="ask for the improved method as a JSON object {method} (schema-constrained where the provider "
+                           "supports it) instead of a fenced block; helps small local models")
 
 
 class JudgeConfig(Base):

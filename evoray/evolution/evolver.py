@@ -58,6 +58,15 @@ def _seed_meta(row: dict[str, Any]) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"seed_meta": value}
 
 
+# JSON output for the evolution (``evolve.json_output``): the final instruction as one field
+FINAL_INSTRUCTION_SCHEMA = {
+    "type": "object",
+    "properties": {"final_instruction": {"type": "string"}},
+    "required": ["final_instruction"],
+    "additionalProperties": False,
+}
+
+
 class _Calls:
     """Tracks provider/model of the last call and the attempts of all calls for one row."""
 
@@ -93,8 +102,17 @@ class Evolver:
     # ---- single calls --------------------------------------------------------------------------
     async def _evolve_once(self, instruction: str, calls: _Calls) -> Completion:
         req = Request(messages=render(self.method, instruction), temperature=self.temperature,
-                      max_tokens=self.config.max_tokens)
+                      max_tokens=self.config.max_tokens,
+                      json_schema=FINAL_INSTRUCTION_SCHEMA if self.config.json_output else None)
         return calls.add(await self.client.complete(req))
+
+    def _extract(self, comp: Completion, original: str) -> str:
+        """The evolved instruction: the JSON field when JSON output was asked and given, else the marker."""
+        if self.config.json_output and isinstance(comp.parsed, dict):
+            value = comp.parsed.get("final_instruction")
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        return extract_instruction(comp.text, self.method, original=original)
 
     async def _answer(self, instruction: str, input: str, calls: _Calls) -> str:
         req = Request(messages=answer_messages(instruction, input), temperature=0.0,
@@ -122,7 +140,7 @@ class Evolver:
                 comp = await self._evolve_once(current, calls)
                 raw = comp.text
                 try:
-                    evolved = extract_instruction(comp.text, self.method, original=current)
+                    evolved = self._extract(comp, current)
                 except ParseError as e:
                     rule, reason = NO_FINAL_INSTRUCTION, f"round {r}: {e.message}"
                     break
@@ -179,7 +197,7 @@ class Evolver:
                 comp = await self._evolve_once(current, calls)
                 step["reply"] = comp.text
                 try:
-                    evolved = extract_instruction(comp.text, self.method, original=current)
+                    evolved = self._extract(comp, current)
                 except ParseError as e:
                     step["failed"], step["reason"] = NO_FINAL_INSTRUCTION, e.message
                     break

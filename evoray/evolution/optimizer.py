@@ -49,7 +49,7 @@ from ..prompts.optimizer import analysis_messages, format_trajectories, optimiza
 from ..providers.base import Request
 from .evolver import Evolver
 from .extract import extract_method
-from .methods import Method, load_method
+from .methods import Method, ensure_slot, load_method
 from .rules import Rule
 
 PROVIDER_ERROR = "provider_error"
@@ -130,9 +130,26 @@ class Proposal(NamedTuple):
     error: str | None = None
 
 
+METHOD_SCHEMA = {
+    "type": "object",
+    "properties": {"method": {"type": "string"}},
+    "required": ["method"],
+    "additionalProperties": False,
+}
+
+
+def _method_text(reply: Any, json_output: bool) -> str:
+    """The proposed method: the JSON field (slot ensured) when asked and given, else the fenced block."""
+    if json_output and isinstance(reply.parsed, dict) and isinstance(reply.parsed.get("method"), str):
+        text = reply.parsed["method"].strip()
+        if text:
+            return ensure_slot(text)
+    return extract_method(reply.text)
+
+
 async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequence[Any], m: int,
                              temperature: float, top_p: float, *, max_tokens: int = 1024,
-                             name_prefix: str = "candidate") -> list[Proposal]:
+                             name_prefix: str = "candidate", json_output: bool = False) -> list[Proposal]:
     """m independent analyse-then-rewrite samples, run concurrently, in index order.
 
     Sample i sends both its requests with ``sample_index=i``. A provider error or a reply without
@@ -149,8 +166,9 @@ async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequ
             feedback = a.text.strip()
             o = await opt_client.complete(Request(messages=optimization_messages(method.text, feedback),
                                                   temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                                  sample_index=i))
-            return Proposal(feedback, Method(f"{name_prefix}-{i}", extract_method(o.text)), i)
+                                                  sample_index=i,
+                                                  json_schema=METHOD_SCHEMA if json_output else None))
+            return Proposal(feedback, Method(f"{name_prefix}-{i}", _method_text(o, json_output)), i)
         except BudgetExceeded:
             raise
         except (ProviderError, RetriesExhausted, ParseError) as e:
@@ -244,7 +262,7 @@ class Optimizer:
             log.info("[optimize] step %d: analysing them and proposing %d candidate methods", t, c.candidates)
             proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
                                                  c.temperature, c.top_p, max_tokens=c.max_tokens,
-                                                 name_prefix=f"step{t}-candidate")
+                                                 name_prefix=f"step{t}-candidate", json_output=c.json_output)
             cands = [(p.index, p.method) for p in proposals if p.method is not None]
             to_eval: dict[str, Method] = {}
             if current_rate is None:
