@@ -28,6 +28,17 @@ def resolve_address(cli_address: str | None, config: JobConfig) -> str | None:
     return cli_address or config.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
+def local_num_cpus(config: JobConfig) -> int:
+    """CPUs for a local Ray started for the job: ``ray.num_cpus``, else the machine's CPUs plus
+    what the local-model replicas reserve. Replicas hold whole CPUs for their lifetime; without
+    the extra logical CPUs Ray Data's read tasks (1 CPU each) could never be scheduled beside them
+    on a small machine and the job would wait forever."""
+    if config.ray.num_cpus:
+        return config.ray.num_cpus
+    reserved = sum(p.num_cpus * p.replicas for p in config.providers if p.kind == "local")
+    return int((os.cpu_count() or 1) + -(-reserved // 1))
+
+
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
@@ -62,7 +73,7 @@ class RaySession:
         from actors.pools import gate_name
 
         self.config = config
-        init_ray(resolve_address(address, config), config.ray.num_cpus)
+        init_ray(resolve_address(address, config), local_num_cpus(config))
         self.job_id = job_id or uuid.uuid4().hex[:12]
         providers = [p.model_dump(mode="json") for p in config.providers]
         self.gate = GateActor.options(name=gate_name(self.job_id), lifetime=None).remote(providers, config.budget_usd)
@@ -128,7 +139,8 @@ class RaySession:
     def dataset_from_parquet(self, path: str):
         import ray
 
-        return ray.data.read_parquet(path)
+        # reading is light: a small CPU request keeps it schedulable beside replicas and pools
+        return ray.data.read_parquet(path, ray_remote_args={"num_cpus": 0.25})
 
     # ---- job state ----------------------------------------------------------------------------------
     def ledger(self) -> dict:
