@@ -30,7 +30,6 @@ def cmd_ingest(args) -> int:
 
 def load_config(args) -> JobConfig:
     cfg = JobConfig.from_yaml(args.config, overrides=args.overrides)
-    updates = {}
     if getattr(args, "input", None):
         cfg.input.path = args.input
     if getattr(args, "output", None):

@@ -49,7 +49,8 @@ def test_optimize_two_steps_then_evolve_100_gsm8k_rows(ray_session, shared_data,
     assert len(set(parents)) == 100
     seeds = {r["id"] for r in pq.read_table(tmp_path / "evolve/input.parquet").to_pylist()}
     assert set(parents) == seeds
-    best_id = evo.counts and json.loads((tmp_path / "evolve/_SUCCESS.json").read_text())
+    assert json.loads((tmp_path / "evolve/_SUCCESS.json").read_text())["counts"]["input"] == 100
+    assert evo.counts["evolved"] == len(evolved)
     for r in evolved:
         assert r["round"] == 2 and r["method_id"] and r["source"] == "train"
         assert r["output"]  # answered by the evol LLM
