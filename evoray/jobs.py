@@ -29,6 +29,7 @@ from .config import JobConfig
 from .errors import BudgetExceeded, InputError, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
+from .raydata import is_canonical_parquet
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
 from .sinks import TableSink, find_table
 
@@ -102,16 +103,6 @@ class JobContext:
 
 # ---- inputs ---------------------------------------------------------------------------------------
 
-def is_canonical(path: Path) -> bool:
-    if path.suffix != ".parquet":
-        return False
-    try:
-        names = set(pq.read_schema(path).names)
-    except Exception:
-        return False
-    return {n for n, _ in ROW_FIELDS} <= names
-
-
 def prepare_input(config: JobConfig, src: str | None, outdir: Path) -> Path:
     """A canonical Parquet file for the stage: a previous stage's table as is, or ingested data."""
     src = src or config.input.path
@@ -121,7 +112,7 @@ def prepare_input(config: JobConfig, src: str | None, outdir: Path) -> Path:
     for s in sources:
         if not Path(s).exists():
             raise InputError("input file not found", where=s)
-    if len(sources) == 1 and is_canonical(Path(sources[0])) and not config.input.map:
+    if len(sources) == 1 and is_canonical_parquet(sources[0]) and not config.input.map:
         if config.input.limit is None:
             return Path(sources[0])
     from .io import ingest

@@ -76,14 +76,6 @@ class TableSink:
                 pass
 
 
-def read_any(path: str | Path) -> pa.Table:
-    path = Path(path)
-    if path.suffix == ".parquet":
-        return pq.read_table(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return pa.Table.from_pylist(rows)
-
-
 def find_table(directory: str | Path, name: str) -> Path | None:
     for fmt in ("parquet", "jsonl"):
         p = Path(directory) / f"{name}.{fmt}"

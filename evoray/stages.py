@@ -22,7 +22,8 @@ from .errors import BudgetExceeded, UsageError
 from .jobs import (JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
                    prepare_input, run_pool_stage, stop_for_budget, write_canonical, write_ledger, write_marker)
 from .schema import RESULT_SCHEMA
-from .sinks import TableSink, find_table, read_any
+from .io import read_table
+from .sinks import TableSink, find_table
 
 log = logging.getLogger("evoray")
 
@@ -205,7 +206,7 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
             row.update(id=r["id"], test_set=None, instruction=r["instruction"], input=r.get("input") or "",
                        result="failed", reason=f"no answer from model {side} for this prompt", status="failed")
             unmatched.append(row)
-    judgments = read_any(outdir / f"judgments.{fmt}").to_pylist() if counts.get("judgments") else []
+    judgments = read_table(outdir / f"judgments.{fmt}").to_pylist() if counts.get("judgments") else []
     if unmatched:
         sink = TableSink(outdir, "judgments", fmt, schema)
         sink.write(judgments + unmatched)
@@ -330,5 +331,5 @@ def _canonical_from(stage_dir: Path, table: str, fmt: str) -> str:
     if src is None:
         raise RuntimeError(f"{stage_dir}: no {table} table to feed the next stage")
     if not target.exists() or target.stat().st_mtime < src.stat().st_mtime:
-        write_canonical(read_any(src), target)
+        write_canonical(read_table(src), target)
     return str(target)
