@@ -306,7 +306,7 @@ def _status(pid: int) -> dict[str, int]:
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(("VmRSS", "VmHWM")):
+            if line.startswith(("VmRSS", "VmHWM", "RssAnon", "RssShmem")):
                 k, v = line.split(":", 1)
                 out[k] = int(v.split()[0]) * 1024
     except (OSError, ValueError):
@@ -365,6 +365,8 @@ class MemorySampler:
         self.exclude = set(exclude or [])
         self.every_s = every_s
         self.peaks: dict[int, int] = {}
+        self.anon: dict[int, int] = {}   # sampled peak of private memory (RssAnon)
+        self.shmem: dict[int, int] = {}  # sampled peak of shared-memory pages (RssShmem: Ray's object store)
         self.names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -388,6 +390,9 @@ class MemorySampler:
             rss = max(st.get("VmRSS", 0), st.get("VmHWM", 0))
             if rss > self.peaks.get(pid, 0):
                 self.peaks[pid] = rss
+            for d, k in ((self.anon, "RssAnon"), (self.shmem, "RssShmem")):
+                if st.get(k, 0) > d.get(pid, 0):
+                    d[pid] = st[k]
             if pid == os.getpid():
                 self.names[pid] = "driver"
             elif pid not in self.names or not self.names[pid].startswith("ray::") or "IDLE" in self.names[pid]:
@@ -416,7 +421,11 @@ class MemorySampler:
                    if pid != os.getpid() and self.names.get(pid, "").startswith("ray::")}
         other = {pid: (self.names.get(pid, "?"), rss) for pid, rss in self.peaks.items()
                  if pid != os.getpid() and pid not in workers}
-        return {"driver": driver, "workers": workers, "other": other}
+        me = os.getpid()
+        return {"driver": driver, "workers": workers, "other": other,
+                "driver_anon": self.anon.get(me, 0), "driver_shmem": self.shmem.get(me, 0),
+                "workers_anon": {pid: self.anon.get(pid, 0) for pid in workers},
+                "workers_shmem": {pid: self.shmem.get(pid, 0) for pid in workers}}
 
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "serve":

@@ -19,8 +19,10 @@ Both return ids in input order (not rank order), so tables keep the order of the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 BUCKETS: tuple[str, ...] = ("<3", "3", "3.5", "4", "4.5", "5", "unparsed")
@@ -58,6 +60,77 @@ def bucket_counts(scores: Iterable[float], failed_count: int = 0) -> dict[str, i
     return out
 
 
+@dataclass(frozen=True)
+class Rule:
+    """Which scored rows are kept, as a test on (score, id) alone, so it can be applied to a stream.
+
+    Threshold mode: ``score >= threshold``. Budget mode: ``score > cut``, or ``score == cut`` and
+    ``id <= id_cut`` (the ties on the cut taken by ascending id). ``keep_all`` / ``keep_none`` are
+    the budget's edge cases (k at least n, k = 0).
+    """
+
+    threshold: float | None = None
+    cut: float | None = None
+    id_cut: str | None = None
+    keep_all: bool = False
+    keep_none: bool = False
+
+    def keeps(self, score: float | None, id_: str) -> bool:
+        if self.keep_all or self.keep_none:
+            return self.keep_all
+        if score is None or score != score:
+            return False
+        if self.threshold is not None:
+            return score >= self.threshold
+        return score > self.cut or (score == self.cut and self.id_cut is not None and id_ <= self.id_cut)
+
+    def mask(self, scores, ids):
+        """The same test over Arrow arrays (a null or NaN score is not kept)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = len(scores)
+        if self.keep_all or self.keep_none:
+            return pa.array([self.keep_all] * n, pa.bool_())
+        if self.threshold is not None:
+            m = pc.greater_equal(scores, self.threshold)
+        else:
+            m = pc.greater(scores, self.cut)
+            if self.id_cut is not None:
+                m = pc.or_(m, pc.and_(pc.equal(scores, self.cut), pc.less_equal(ids, self.id_cut)))
+        return pc.fill_null(m, False)
+
+
+def plan(scores: Sequence[float], threshold: float = 4.5, top_k: int | None = None) -> tuple[Rule, int]:
+    """First pass of a selection, from the scores alone: ``(rule, ties_to_take)``.
+
+    In budget mode with ties on the cut, the rule still lacks ``id_cut``: collect the ids whose
+    score equals ``rule.cut`` and finish with :func:`finish` (``ties_to_take`` of them are kept).
+    """
+    if top_k is None:
+        return Rule(threshold=threshold), 0
+    if top_k < 0:
+        raise ValueError("top_k must be at least 0")
+    n = len(scores)
+    if top_k >= n:
+        return Rule(keep_all=True), 0
+    if top_k == 0:
+        return Rule(keep_none=True), 0
+    import numpy as np
+
+    arr = np.asarray(scores, dtype=np.float64)
+    cut = float(np.partition(arr, n - top_k)[n - top_k])  # the k-th best score
+    above = int(np.count_nonzero(arr > cut))
+    return Rule(cut=cut), top_k - above
+
+
+def finish(rule: Rule, ties_to_take: int, ids_on_cut: Sequence[str]) -> Rule:
+    """The budget rule with ``id_cut``: the ``ties_to_take``-th smallest id among the ties."""
+    if rule.cut is None or ties_to_take <= 0:
+        return rule
+    return dataclasses.replace(rule, id_cut=sorted(ids_on_cut)[ties_to_take - 1])
+
+
 def select(
     scored: Sequence[tuple[str, float]],
     threshold: float = 4.5,
@@ -67,29 +140,23 @@ def select(
 
     ``top_k=None``: keep ``score >= threshold``. ``top_k=k``: keep exactly the best ``min(k, n)``
     rows regardless of ``threshold`` (the budget mode), ranking by score descending and breaking
-    ties by ascending id, so the choice does not depend on input order.
+    ties by ascending id, so the choice does not depend on input order. The same :class:`Rule`
+    drives the streaming selection of the rate stage.
     """
-    if top_k is None:
-        kept = [i for i, s in scored if s >= threshold]
-        rejected = [i for i, s in scored if not s >= threshold]
-        return kept, rejected
-    if top_k < 0:
-        raise ValueError("top_k must be at least 0")
-    n = len(scored)
-    if top_k >= n:
-        return [i for i, _ in scored], []
-    if top_k == 0:
-        return [], [i for i, _ in scored]
-    # the k-th best score is the cut; rows above it are in, rows on it are taken by ascending id
-    cut = sorted((s for _, s in scored), reverse=True)[top_k - 1]
-    above = sum(1 for _, s in scored if s > cut)
-    on_cut = sorted((scored[j][0], j) for j in range(n) if scored[j][1] == cut)
-    take = {j for _, j in on_cut[: top_k - above]}
+    rule, take = plan([s for _, s in scored], threshold=threshold, top_k=top_k)
+    rule = finish(rule, take, [i for i, s in scored if s == rule.cut])
     kept: list[str] = []
     rejected: list[str] = []
-    for j, (i, s) in enumerate(scored):
-        (kept if s > cut or j in take else rejected).append(i)
+    for i, s in scored:
+        (kept if rule.keeps(s, i) else rejected).append(i)
     return kept, rejected
+
+
+def random_positions(n: int, k: int, seed: int = 0) -> list[int]:
+    """Positions (in sorted-id order) of the random baseline: the same draw as :func:`random_baseline`."""
+    if k < 0:
+        raise ValueError("k must be at least 0")
+    return sorted(random.Random(seed).sample(range(n), min(k, n)))
 
 
 def random_baseline(ids: Iterable[str], k: int, seed: int = 0) -> list[str]:
@@ -99,10 +166,7 @@ def random_baseline(ids: Iterable[str], k: int, seed: int = 0) -> list[str]:
     not on the order rows came back from the workers. Returned in sorted id order.
     """
     pool = sorted(ids)
-    if k < 0:
-        raise ValueError("k must be at least 0")
-    chosen = random.Random(seed).sample(pool, min(k, len(pool)))
-    return sorted(chosen)
+    return [pool[j] for j in random_positions(len(pool), k, seed)]
 
 
-__all__ = ["BUCKETS", "bucket_counts", "bucket_of", "random_baseline", "select"]
+__all__ = ["BUCKETS", "Rule", "bucket_counts", "bucket_of", "finish", "plan", "random_baseline", "random_positions", "select"]

@@ -3,6 +3,10 @@
 A :class:`TableSink` takes pyarrow batches as they come out of a pool and writes them to
 ``NAME.parquet`` or ``NAME.jsonl`` under a temporary name; ``close()`` renames it into place, so a
 file with the final name is always complete and a crashed stage leaves nothing a re-run would trust.
+
+Parquet sinks buffer small batches and write row groups of ``row_group_rows`` rows: a row group per
+64-row pool batch made the writer's footer metadata (column statistics for every row group, kept in
+memory until close) the largest thing in the driver at a million rows.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import pyarrow.parquet as pq
 
 
 class TableSink:
-    def __init__(self, directory: str | Path, name: str, fmt: str, schema: pa.Schema):
+    def __init__(self, directory: str | Path, name: str, fmt: str, schema: pa.Schema, row_group_rows: int = 4096):
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.fmt = fmt
@@ -24,6 +28,9 @@ class TableSink:
         self.path = self.dir / f"{name}.{fmt}"
         self.tmp = self.dir / f".{name}.{fmt}.partial"
         self.rows = 0
+        self.row_group_rows = row_group_rows
+        self._buf: list[pa.Table] = []
+        self._buffered = 0
         self._pq: pq.ParquetWriter | None = None
         self._fh = None
         if fmt == "parquet":
@@ -45,13 +52,22 @@ class TableSink:
         table = table.select([f.name for f in self.schema]).cast(self.schema)
         self.rows += table.num_rows
         if self._pq is not None:
-            self._pq.write_table(table)
+            self._buf.append(table)
+            self._buffered += table.num_rows
+            if self._buffered >= self.row_group_rows:
+                self._flush()
         else:
             for row in table.to_pylist():
                 self._fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
+    def _flush(self) -> None:
+        if self._buf:
+            self._pq.write_table(pa.concat_tables(self._buf), row_group_size=max(self.row_group_rows, self._buffered))
+            self._buf, self._buffered = [], 0
+
     def close(self) -> Path:
         if self._pq is not None:
+            self._flush()
             self._pq.close()
             self._pq = None
         if self._fh is not None:
@@ -70,6 +86,7 @@ class TableSink:
                 self._fh.close()
         finally:
             self._pq = self._fh = None
+            self._buf, self._buffered = [], 0
             try:
                 os.unlink(self.tmp)
             except OSError:

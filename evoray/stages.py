@@ -57,7 +57,7 @@ def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | N
 
 def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
     from .plots import score_histogram
-    from .selection import bucket_counts, random_baseline, select
+    from .selection import BUCKETS, bucket_counts, finish, plan, random_positions
 
     cfg = ctx.config
     outdir.mkdir(parents=True, exist_ok=True)
@@ -70,42 +70,55 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     fmt = cfg.output.format
     counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
                             cfg.ray.rater_actors, formats={"_scored": "parquet"})
-    # selection needs only (id, score); the rows themselves are streamed from the scored file
+    # selection streams the scored file (memory flat in the number of rows): the threshold rule needs
+    # nothing else; a top_k budget first reads the score column (8 bytes a row) and the ids on the cut
     scored_path = outdir / "_scored.parquet"
-    pairs = pq.read_table(scored_path, columns=["id", "score"]) if scored_path.exists() else None
-    ids = pairs.column("id").to_pylist() if pairs is not None else []
-    scores = pairs.column("score").to_pylist() if pairs is not None else []
-    del pairs
-    kept_ids, _ = select(list(zip(ids, scores)), threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
-    kept_set = set(kept_ids)
-    del kept_ids
+    scored_file = pq.ParquetFile(scored_path) if scored_path.exists() else None
+
+    def scored_batches(columns=None):
+        if scored_file is not None:
+            for b in scored_file.iter_batches(batch_size=10_000, columns=columns):
+                yield pa.Table.from_batches([b])
+
+    scores_col = (pq.read_table(scored_path, columns=["score"]).column("score").to_numpy()
+                  if scored_file is not None and cfg.rate.top_k is not None else [])
+    rule, take = plan(scores_col, threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
+    del scores_col
+    if take:
+        ties = [t.filter(pc.equal(t.column("score"), rule.cut)).column("id") for t in scored_batches(["id", "score"])]
+        rule = finish(rule, take, pa.chunked_array(ties, pa.string()).to_pylist())
+        del ties
     sinks = {name: TableSink(outdir, name, fmt, RESULT_SCHEMA) for name in ("kept", "rejected")}
-    if scored_path.exists():
-        for batch in pq.ParquetFile(scored_path).iter_batches(batch_size=10_000):
-            t = pa.Table.from_batches([batch])
-            mask = pa.array([i in kept_set for i in t.column("id").to_pylist()], pa.bool_())
-            for name, m in (("kept", mask), ("rejected", pc.invert(mask))):
-                part = t.filter(m)
-                part = part.set_column(part.schema.get_field_index("status"), "status",
-                                       pa.array([name] * part.num_rows, pa.string()))
-                sinks[name].write(part)
+    buckets = dict.fromkeys(BUCKETS, 0)
+    for t in scored_batches():
+        mask = rule.mask(t.column("score"), t.column("id"))
+        for name, m in (("kept", mask), ("rejected", pc.invert(mask))):
+            part = t.filter(m)
+            part = part.set_column(part.schema.get_field_index("status"), "status",
+                                   pa.array([name] * part.num_rows, pa.string()))
+            sinks[name].write(part)
+        for b, c in bucket_counts(t.column("score").drop_null().to_pylist()).items():
+            buckets[b] += c
+    buckets["unparsed"] += counts.get("failed", 0)
+    del scored_file
     for sink in sinks.values():
         sink.close()
     scored_path.unlink(missing_ok=True)
     counts.pop("_scored", None)
     counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
-    # the random baseline: a seeded subset of all input rows, the size of the kept set
+    # the random baseline: a seeded subset of all input rows, the size of the kept set (ids kept as Arrow)
     if cfg.rate.random_baseline:
-        all_ids = pq.read_table(input_path, columns=["id"]).column("id").to_pylist()
-        base = set(random_baseline(all_ids, len(kept_set), seed=cfg.rate.seed))
-        del all_ids
+        all_ids = pq.read_table(input_path, columns=["id"]).column("id").combine_chunks()
+        order = pc.sort_indices(all_ids)
+        base = pc.take(all_ids, pc.take(order, pa.array(random_positions(len(all_ids), counts["kept"],
+                                                                          seed=cfg.rate.seed), pa.int64())))
+        del all_ids, order
         sink = TableSink(outdir, "random_baseline", fmt, RESULT_SCHEMA)
         for batch in pq.ParquetFile(input_path).iter_batches(batch_size=10_000):
-            rows = [r for r in batch.to_pylist() if r["id"] in base]
-            sink.write(rows)
+            t = pa.Table.from_batches([batch])
+            sink.write(t.filter(pc.is_in(t.column("id"), value_set=base)).to_pylist())
         sink.close()
         counts["random_baseline"] = sink.rows
-    buckets = bucket_counts([s for s in scores if s is not None], counts.get("failed", 0))
     (outdir / "scores.json").write_text(json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
         "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,

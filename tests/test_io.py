@@ -447,3 +447,24 @@ def test_read_dataset_and_write_back(request, shared_data, tmp_path):
     # a canonical parquet input is used as it is
     path, summary = raydata.canonicalize([str(tmp_path / "work" / "input.parquet")])
     assert summary is None and path == tmp_path / "work" / "input.parquet"
+
+
+def test_table_sink_packs_small_batches_into_row_groups_and_aborts_cleanly(tmp_path):
+    import pyarrow as pa
+
+    from evoray.sinks import TableSink
+
+    schema = pa.schema([("id", pa.string()), ("n", pa.int64())])
+    sink = TableSink(tmp_path, "t", "parquet", schema, row_group_rows=100)
+    for start in range(0, 1000, 64):  # pool-sized batches
+        sink.write(pa.table({"n": list(range(start, min(start + 64, 1000))),
+                             "id": [f"r{i}" for i in range(start, min(start + 64, 1000))]}))
+    assert not (tmp_path / "t.parquet").exists()  # nothing under the final name before close
+    path = sink.close()
+    f = pq.ParquetFile(path)
+    assert f.metadata.num_rows == 1000 and f.metadata.num_row_groups == 8  # not one per batch
+    assert pq.read_table(path).column("n").to_pylist() == list(range(1000))
+    dead = TableSink(tmp_path, "d", "parquet", schema, row_group_rows=100)
+    dead.write([{"id": "x", "n": 1}])
+    dead.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]

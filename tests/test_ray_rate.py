@@ -53,6 +53,23 @@ def test_rate_1000_rows_two_actors_every_row_accounted(ray_session, shared_data,
     assert stats["rate_limited"] == 0
     assert res.counts["kept"] == len(kept)
 
+    # the same rows under a top_k budget (answers from the cache): the streamed selection keeps
+    # exactly what select() picks from the (id, score) pairs, and the baseline is the seeded draw
+    from evoray.selection import random_baseline, select
+
+    cfg2 = JobConfig.from_dict({**cfg.model_dump(mode="json"), "rate": {"parse_retries": 1, "top_k": 300, "seed": 7},
+                                "output": {"dir": str(tmp_path / "out2")}})
+    ctx = JobContext(cfg2, quiet=True)
+    try:
+        stage_rate(ctx, None, tmp_path / "out2")
+    finally:
+        ctx.close()
+    pairs = [(r["id"], r["score"]) for r in kept + rejected]
+    kept2 = pq.read_table(tmp_path / "out2/kept.parquet").column("id").to_pylist()
+    assert sorted(kept2) == sorted(select(pairs, top_k=300)[0]) and len(kept2) == 300
+    base2 = pq.read_table(tmp_path / "out2/random_baseline.parquet").column("id").to_pylist()
+    assert sorted(base2) == random_baseline(ids, 300, seed=7)
+
 
 def test_judge_vicuna_counts_add_up_per_order(ray_session, shared_data, fake_key, tmp_path):
     from evoray.io import iter_rows, write_table

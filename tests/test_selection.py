@@ -126,3 +126,36 @@ def test_failure_rate_plot_png(tmp_path):
     assert p.exists() and p.stat().st_size > 1000 and p.read_bytes()[:8] == PNG
     empty = failure_rate_plot([], tmp_path / "empty.png")
     assert empty.stat().st_size > 0
+
+
+@pytest.mark.parametrize("top_k", [None, 0, 1, 37, 250, 999, 5000])
+def test_streamed_rule_over_arrow_batches_matches_select(top_k):
+    """The rate stage applies the rule batch by batch to Arrow columns: same rows as select()."""
+    import pyarrow as pa
+
+    from evoray.selection import finish, plan
+
+    rng = random.Random(top_k or 0)
+    scored = [(f"id-{rng.randrange(10**6):07d}-{j}", rng.choice([2.0, 3.5, 4.0, 4.5, 4.5, 5.0])) for j in range(1000)]
+    kept, _ = select(scored, threshold=4.5, top_k=top_k)
+    rule, take = plan([s for _, s in scored], threshold=4.5, top_k=top_k)
+    ties = []
+    for b in range(0, 1000, 128):  # the ties are gathered batch by batch too
+        ties += [i for i, s in scored[b:b + 128] if s == rule.cut]
+    rule = finish(rule, take, ties)
+    streamed = []
+    for b in range(0, 1000, 128):
+        part = scored[b:b + 128]
+        m = rule.mask(pa.array([s for _, s in part], pa.float64()), pa.array([i for i, _ in part]))
+        streamed += [i for (i, _), k in zip(part, m.to_pylist()) if k]
+    assert streamed == kept
+    assert len(kept) == (min(top_k, 1000) if top_k is not None else sum(s >= 4.5 for _, s in scored))
+
+
+def test_rule_mask_sends_null_scores_to_rejected():
+    import pyarrow as pa
+
+    from evoray.selection import Rule
+
+    m = Rule(threshold=4.5).mask(pa.array([5.0, None, float("nan"), 4.5]), pa.array(["a", "b", "c", "d"]))
+    assert m.to_pylist() == [True, False, False, True]
