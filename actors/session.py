@@ -18,7 +18,6 @@ import uuid
 from typing import Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from evoray.config import JobConfig
 
@@ -138,20 +137,9 @@ class RaySession:
         return ray.data.from_arrow(table)
 
     def dataset_from_parquet(self, path: str, rows_per_read: int = 4096):
-        """A Dataset over one Parquet file, read in chunks of whole row groups (about
-        ``rows_per_read`` rows per read task).
+        from evoray.raydata import read_parquet_chunks
 
-        ``ray.data.read_parquet`` reads a single file in one task whose worker grew with the file
-        (B5 in BENCHMARKS.md: 276 MiB at 10,000 rows, 585 MiB at 160,000); one small task per chunk
-        keeps every worker flat. Reading is light: 0.25 CPU keeps it schedulable beside replicas
-        and pools.
-        """
-        import ray
-
-        chunks = row_group_chunks(path, rows_per_read)
-        items = ray.data.from_items([{"path": path, "first": a, "stop": b} for a, b in chunks] or
-                                    [{"path": path, "first": 0, "stop": 0}])
-        return items.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+        return read_parquet_chunks(path, rows_per_read=rows_per_read)
 
     # ---- job state ----------------------------------------------------------------------------------
     def ledger(self) -> dict:
@@ -178,25 +166,3 @@ class RaySession:
         except Exception:
             pass
 
-
-def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int]]:
-    """Consecutive row-group ranges ``[first, stop)`` of about ``rows_per_read`` rows each."""
-    md = pq.ParquetFile(path).metadata
-    out, first, rows = [], 0, 0
-    for g in range(md.num_row_groups):
-        rows += md.row_group(g).num_rows
-        if rows >= rows_per_read:
-            out.append((first, g + 1))
-            first, rows = g + 1, 0
-    if first < md.num_row_groups:
-        out.append((first, md.num_row_groups))
-    return out
-
-
-def read_row_groups(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: the rows of the row-group ranges named in ``batch`` (path, first, stop)."""
-    parts = []
-    for path, first, stop in zip(*(batch.column(c).to_pylist() for c in ("path", "first", "stop"))):
-        f = pq.ParquetFile(path)
-        parts.append(f.read_row_groups(list(range(first, stop))) if stop > first else f.schema_arrow.empty_table())
-    return pa.concat_tables(parts)

@@ -29,7 +29,7 @@ from .config import JobConfig
 from .errors import BudgetExceeded, InputError, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
-from .raydata import is_canonical_parquet
+from .raydata import canonicalize
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
 from .seen import SeenKeys
 from .sinks import TableSink, find_table
@@ -105,7 +105,8 @@ class JobContext:
 # ---- inputs ---------------------------------------------------------------------------------------
 
 def prepare_input(config: JobConfig, src: str | None, outdir: Path) -> Path:
-    """A canonical Parquet file for the stage: a previous stage's table as is, or ingested data."""
+    """A canonical Parquet file for the stage: a previous stage's table as is, or ingested data
+    (:func:`evoray.raydata.canonicalize`), ingested once per set of inputs and input settings."""
     src = src or config.input.path
     if not src:
         raise UsageError("no input: pass -i INPUT or set input.path in the config")
@@ -113,24 +114,21 @@ def prepare_input(config: JobConfig, src: str | None, outdir: Path) -> Path:
     for s in sources:
         if not Path(s).exists():
             raise InputError("input file not found", where=s)
-    if len(sources) == 1 and is_canonical_parquet(sources[0]) and not config.input.map:
-        if config.input.limit is None:
-            return Path(sources[0])
-    from .io import ingest
-
-    outdir.mkdir(parents=True, exist_ok=True)
+    inp = config.input
     target = outdir / "input.parquet"
-    fp = fingerprint([(s, os.path.getsize(s), os.path.getmtime(s)) for s in sources], config.input.model_dump())
     marker = outdir / ".input.fingerprint"
+    fp = fingerprint([(s, os.path.getsize(s), os.path.getmtime(s)) for s in sources], inp.model_dump())
     if target.exists() and marker.exists() and marker.read_text() == fp:
         return target
-    summary = ingest(sources, str(target), fmt=config.input.format, mapping=config.input.map or None,
-                     skip_invalid=config.input.skip_invalid, limit=config.input.limit)
-    q = getattr(summary, "quarantined", 0)
-    if q:
-        log.warning("%d invalid input row(s) quarantined in %s", q, getattr(summary, "quarantine_path", "?"))
-    marker.write_text(fp)
-    return target
+    outdir.mkdir(parents=True, exist_ok=True)
+    path, summary = canonicalize(sources, fmt=inp.format, mapping=inp.map or None, skip_invalid=inp.skip_invalid,
+                                 limit=inp.limit, work_dir=outdir)
+    if summary is not None:
+        q = getattr(summary, "quarantined", 0)
+        if q:
+            log.warning("%d invalid input row(s) quarantined in %s", q, getattr(summary, "quarantine_path", "?"))
+        marker.write_text(fp)
+    return path
 
 
 def count_rows(path: Path) -> int:

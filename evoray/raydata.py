@@ -2,8 +2,8 @@
 
 Design: input files are validated and canonicalised exactly once, in the driver, by the streaming
 readers of :mod:`evoray.io` -- that is where bad rows get their ``FILE:LINE`` in an error or go to
-the quarantine file. The result is one canonical Parquet file, which
-:func:`ray.data.read_parquet` then streams to the workers. A Parquet file that already has the
+the quarantine file. The result is one canonical Parquet file, which :func:`read_parquet_chunks`
+streams to the workers in chunks of whole row groups. A Parquet file that already has the
 canonical columns is used as it is (no copy). So Ray never sees a malformed row, and line numbers
 are exact (a distributed JSON reader could not give them).
 
@@ -73,16 +73,54 @@ def read_dataset(
     skip_invalid: bool = False,
     limit: int | None = None,
     work_dir: str | os.PathLike | None = None,
-    **read_parquet_kwargs: Any,
+    rows_per_read: int = 4096,
+    num_cpus: float = 0.25,
 ) -> "ray.data.Dataset":
     """A Ray Dataset of canonical rows (see the module docstring for the design).
 
     Errors in the input are raised here, in the driver, as :class:`~evoray.errors.InputError`.
     """
+    path, _ = canonicalize(paths, fmt, mapping, skip_invalid, limit, work_dir)
+    return read_parquet_chunks(str(path), rows_per_read=rows_per_read, num_cpus=num_cpus)
+
+
+def read_parquet_chunks(path: str, rows_per_read: int = 4096, num_cpus: float = 0.25) -> "ray.data.Dataset":
+    """A Dataset over one Parquet file, read by one small task per chunk of whole row groups
+    (about ``rows_per_read`` rows each).
+
+    ``ray.data.read_parquet`` reads a single file in one task whose worker grew with the file
+    (B5 in BENCHMARKS.md: 276 MiB at 10,000 rows, 585 MiB at 160,000); chunked reads keep every
+    worker flat. Reading is light: a small CPU request keeps it schedulable beside local-model
+    replicas and API-bound pools.
+    """
     import ray.data
 
-    path, _ = canonicalize(paths, fmt, mapping, skip_invalid, limit, work_dir)
-    return ray.data.read_parquet(str(path), **read_parquet_kwargs)
+    items = [{"path": path, "first": a, "stop": b} for a, b in row_group_chunks(path, rows_per_read)]
+    ds = ray.data.from_items(items or [{"path": path, "first": 0, "stop": 0}])
+    return ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int]]:
+    """Consecutive row-group ranges ``[first, stop)`` of about ``rows_per_read`` rows each."""
+    md = pq.ParquetFile(path).metadata
+    out, first, rows = [], 0, 0
+    for g in range(md.num_row_groups):
+        rows += md.row_group(g).num_rows
+        if rows >= rows_per_read:
+            out.append((first, g + 1))
+            first, rows = g + 1, 0
+    if first < md.num_row_groups:
+        out.append((first, md.num_row_groups))
+    return out
+
+
+def read_row_groups(batch: pa.Table) -> pa.Table:
+    """Ray Data UDF: the rows of the row-group ranges named in ``batch`` (path, first, stop)."""
+    parts = []
+    for path, first, stop in zip(*(batch.column(c).to_pylist() for c in ("path", "first", "stop"))):
+        f = pq.ParquetFile(path)
+        parts.append(f.read_row_groups(list(range(first, stop))) if stop > first else f.schema_arrow.empty_table())
+    return pa.concat_tables(parts)
 
 
 def write_dataset(ds: "ray.data.Dataset", dir: str | os.PathLike, name: str, fmt: str = "parquet") -> Path:
