@@ -199,9 +199,9 @@ def test_redacting_filter_cleans_log_records():
 
 def test_provider_error_carries_no_key_even_if_given_one():
     # the provider boundary redacts error bodies; ProviderError itself holds only what it is given
-    from evoray.providers.openai_provider import _error_detail
+    from evoray.providers.sdk import error_detail
 
-    detail = _error_detail({"error": {"message": f"Incorrect API key provided: {KEY}"}})
+    detail = error_detail({"error": {"message": f"Incorrect API key provided: {KEY}"}})
     assert KEY not in detail and MARK not in detail
     e = ProviderError(detail, provider="p", model="m", status=401)
     assert KEY not in str(e) and KEY.encode() not in pickle.dumps(e)

@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ..config import ProviderConfig
 from ..errors import ProviderError
-from .base import Completion, Provider, Request, classify_status, parse_json_reply, retry_after_from_headers
-from .openai_provider import _error_detail
+from .base import Completion, Request, parse_json_reply
+from .sdk import SDKProvider
 
 
 def _plain_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -72,34 +71,23 @@ def to_anthropic_messages(messages: list[dict[str, str]]) -> tuple[str | None, l
     return system, out
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(SDKProvider):
     kind = "anthropic"
     supports_json_schema = True
-    needs_key = True
+    extra_retryable = frozenset({529})  # "overloaded"
 
-    def __init__(self, config: ProviderConfig, environ: dict | None = None):
-        super().__init__(config)
-        self._key = config.api_key(environ)
-        self._client = None
+    def _sdk_module(self):
+        import anthropic
 
-    def _sdk(self):
-        if self._client is None:
-            import anthropic
+        return anthropic
 
-            self._client = anthropic.AsyncAnthropic(
-                api_key=self._key.get_secret_value(),
-                base_url=self.config.base_url or None,
-                max_retries=0,
-                timeout=self.config.timeout_s,
-            )
-        return self._client
+    def _client_class(self):
+        return self._sdk_module().AsyncAnthropic
 
     def prepare(self) -> None:
         self._sdk().messages  # builds the client and its resource objects
 
     async def complete(self, request: Request) -> Completion:
-        import anthropic
-
         system, messages = to_anthropic_messages(request.messages)
         kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens)
         if "temperature" in _create_params(self._sdk().messages):
@@ -108,25 +96,7 @@ class AnthropicProvider(Provider):
             kwargs["system"] = system
         if request.json_schema is not None:
             kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
-        try:
-            resp = await self._sdk().messages.create(**kwargs)
-        except anthropic.APIStatusError as e:
-            status = getattr(e, "status_code", None)
-            headers = getattr(getattr(e, "response", None), "headers", None)
-            kind = "rate_limit" if status == 429 else ("server" if status and status >= 500 else "client")
-            raise ProviderError(_error_detail(getattr(e, "body", None)) or f"HTTP {status}", provider=self.name,
-                                model=self.model, status=status, retryable=classify_status(status) or status == 529,
-                                retry_after=retry_after_from_headers(headers), kind=kind) from None
-        except anthropic.APITimeoutError:
-            raise ProviderError("request timed out", provider=self.name, model=self.model, retryable=True, kind="timeout") from None
-        except anthropic.APIConnectionError:
-            raise ProviderError("connection error", provider=self.name, model=self.model, retryable=True, kind="connection") from None
-        except anthropic.APIError as e:
-            raise ProviderError(f"bad response: {type(e).__name__}", provider=self.name, model=self.model,
-                                retryable=True, kind="malformed") from None
-        except (ValueError, KeyError) as e:  # JSONDecodeError is a ValueError; a TypeError is our bug, not retried
-            raise ProviderError(f"malformed response body ({type(e).__name__})", provider=self.name,
-                                model=self.model, retryable=True, kind="malformed") from None
+        resp = await self._call(self._sdk().messages.create, **kwargs)
         blocks = getattr(resp, "content", None) or []
         text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", "") == "text")
         if not blocks:
@@ -141,11 +111,3 @@ class AnthropicProvider(Provider):
             model=getattr(resp, "model", None) or self.model,
             finish_reason=getattr(resp, "stop_reason", None),
         )
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            try:
-                await self._client.close()
-            except Exception:
-                pass
-            self._client = None
