@@ -114,6 +114,7 @@ class RaySession:
         remote_args = {}
         if cfg.spread:
             remote_args["scheduling_strategy"] = "SPREAD"
+        limit_read_ahead(cfg.read_ahead_mb)
         # small blocks, so every actor of the pool gets work from a single input file
         ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
         out = ds.map_batches(
@@ -166,3 +167,16 @@ class RaySession:
         except Exception:
             pass
 
+
+def limit_read_ahead(mb: int) -> None:
+    """Cap the object-store bytes this driver's Ray Data executions may hold (``ray.read_ahead_mb``).
+
+    Pools are slower than reading, so without a cap the input is read far ahead of them. Blocks of a
+    few dozen rows are small enough for Ray to keep inline in the owner's (the driver's) memory, so
+    the read-ahead grew the driver with the input: +300 MiB at 1,000,000 rows (B5 in BENCHMARKS.md).
+    """
+    import ray.data
+    from ray.data._internal.execution.interfaces import ExecutionResources
+
+    opts = ray.data.DataContext.get_current().execution_options
+    opts.resource_limits = ExecutionResources(object_store_memory=mb * 2**20)

@@ -111,6 +111,10 @@ class RayConfig(Base):
     batch_size: int = Field(64, ge=1, description="rows per map_batches batch")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started for the job (default: all)")
     spread: bool = Field(False, description="spread pool actors over nodes (SPREAD scheduling)")
+    read_ahead_mb: int = Field(
+        64, ge=8,
+        description="object-store MiB a stage's Ray Data pipeline may hold ahead of its pool; bounds read-ahead "
+                    "(small blocks live in the driver's memory, so an unbounded read-ahead grows the driver with the input)")
 
 
 class CacheConfig(Base):
