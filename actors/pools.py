@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from evoray.config import JobConfig
 from evoray.errors import BudgetExceeded
+from evoray.raydata import POS
 from evoray.schema import RESULT_SCHEMA, result_row
 from evoray.workers import lookup
 
@@ -58,6 +59,8 @@ class StageUDF:
         self.config, self.clients = worker_context(config_json, job_id, roles)
         self.work = factory(self.config, self.clients, extra or {})
         self.schema = getattr(self.work, "schema", None) or OUT_SCHEMA
+        if POS not in self.schema.names:
+            self.schema = self.schema.append(pa.field(POS, pa.int64()))
         self.sem: asyncio.Semaphore | None = None
         self.concurrency = self.config.ray.actor_concurrency
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -65,6 +68,7 @@ class StageUDF:
 
     async def _one(self, row: dict) -> dict:
         assert self.sem is not None
+        pos = row.pop(POS, None)  # the input row's position travels beside the work, never into it
         async with self.sem:
             try:
                 out = await self.work(row)
@@ -72,6 +76,7 @@ class StageUDF:
                 out = result_row(row, status="failed", reason="budget_exceeded: the job's budget was reached before this row")
             meta_extra = {"node_id": self.node_id, "actor_id": self.actor_id}
             out.setdefault("_worker", json.dumps(meta_extra))
+            out[POS] = pos
             return out
 
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:

@@ -140,7 +140,7 @@ class RaySession:
     def dataset_from_parquet(self, path: str, rows_per_read: int = 4096):
         from evoray.raydata import read_parquet_chunks
 
-        return read_parquet_chunks(path, rows_per_read=rows_per_read)
+        return read_parquet_chunks(path, rows_per_read=rows_per_read, positions=True)
 
     # ---- job state ----------------------------------------------------------------------------------
     def ledger(self) -> dict:

@@ -29,9 +29,9 @@ from .config import JobConfig
 from .errors import BudgetExceeded, InputError, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
-from .raydata import canonicalize
+from .raydata import POS, canonicalize
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
-from .seen import SeenKeys
+from .seen import SeenRows
 from .sinks import TableSink, find_table
 
 log = logging.getLogger("evoray")
@@ -198,15 +198,16 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     budget_stopped = 0
     duplicates = 0
     nodes: set[str] = set()
-    seen = SeenKeys()  # compact: about 40 bytes per row instead of a set's 100+
+    seen = SeenRows(total)  # one bit per input row
     ok = False
     try:
         ds = session.dataset_from_parquet(str(input_path))
         for batch in session.run_pool(worker, ds, n_actors, extra):
             status = batch.column("status").to_pylist()
             reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
-            key_col = "parent_id" if worker == "evolve" else "id"
-            keys = batch.column(key_col).to_pylist()
+            if POS not in batch.column_names:
+                raise RuntimeError(f"stage {stage}: pool output without the {POS} column")
+            keys = batch.column(POS).to_pylist()
             done = [not (s_ == "failed" and (r_ or "").startswith("budget_exceeded")) for s_, r_ in zip(status, reasons)]
             budget_stopped += done.count(False)
             # a retried task may repeat a row: each input row lands once

@@ -27,6 +27,9 @@ from .schema import ROW_FIELDS, ROW_SCHEMA
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
 
+#: column with each input row's position in its file; pool workers carry it to their output rows
+POS = "_pos"
+
 
 def is_canonical_parquet(path: str | os.PathLike) -> bool:
     """True when ``path`` is a Parquet file with every canonical column."""
@@ -84,19 +87,26 @@ def read_dataset(
     return read_parquet_chunks(str(path), rows_per_read=rows_per_read, num_cpus=num_cpus)
 
 
-def read_parquet_chunks(path: str, rows_per_read: int = 4096, num_cpus: float = 0.25) -> "ray.data.Dataset":
+def read_parquet_chunks(path: str, rows_per_read: int = 4096, num_cpus: float = 0.25,
+                        positions: bool = False) -> "ray.data.Dataset":
     """A Dataset over one Parquet file, read by one small task per chunk of whole row groups
     (about ``rows_per_read`` rows each).
 
     ``ray.data.read_parquet`` reads a single file in one task whose worker grew with the file
     (B5 in BENCHMARKS.md: 276 MiB at 10,000 rows, 585 MiB at 160,000); chunked reads keep every
     worker flat. Reading is light: a small CPU request keeps it schedulable beside local-model
-    replicas and API-bound pools.
+    replicas and API-bound pools. ``positions=True`` adds :data:`POS`, each row's 0-based position
+    in the file, which the stages use to land every input row exactly once.
     """
     import ray.data
 
-    items = [{"path": path, "first": a, "stop": b} for a, b in row_group_chunks(path, rows_per_read)]
-    ds = ray.data.from_items(items or [{"path": path, "first": 0, "stop": 0}])
+    md = pq.ParquetFile(path).metadata
+    starts = [0]
+    for g in range(md.num_row_groups):
+        starts.append(starts[-1] + md.row_group(g).num_rows)
+    items = [{"path": path, "first": a, "stop": b, "offset": starts[a], "positions": positions}
+             for a, b in row_group_chunks(path, rows_per_read)]
+    ds = ray.data.from_items(items or [{"path": path, "first": 0, "stop": 0, "offset": 0, "positions": positions}])
     return ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
 
@@ -115,11 +125,16 @@ def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int]]:
 
 
 def read_row_groups(batch: pa.Table) -> pa.Table:
-    """Ray Data UDF: the rows of the row-group ranges named in ``batch`` (path, first, stop)."""
+    """Ray Data UDF: the rows of the row-group ranges named in ``batch`` (path, first, stop, offset,
+    positions), with :data:`POS` when asked."""
     parts = []
-    for path, first, stop in zip(*(batch.column(c).to_pylist() for c in ("path", "first", "stop"))):
+    cols = ("path", "first", "stop", "offset", "positions")
+    for path, first, stop, offset, positions in zip(*(batch.column(c).to_pylist() for c in cols)):
         f = pq.ParquetFile(path)
-        parts.append(f.read_row_groups(list(range(first, stop))) if stop > first else f.schema_arrow.empty_table())
+        t = f.read_row_groups(list(range(first, stop))) if stop > first else f.schema_arrow.empty_table()
+        if positions:
+            t = t.append_column(POS, pa.array(range(offset, offset + t.num_rows), pa.int64()))
+        parts.append(t)
     return pa.concat_tables(parts)
 
 

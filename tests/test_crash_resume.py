@@ -2,7 +2,7 @@
 
 (a) A rater actor and an evolver actor are SIGKILLed mid-stage (their pids come from the GCS actor
     table of the shared Ray session). Ray Data restarts the actor and retries its tasks; the stage
-    drops rows it already has (dedupe by id / parent_id), so every row lands exactly once.
+    drops rows it already has (by input position, see evoray/seen.py), so every row lands exactly once.
 (b) ``evoray run`` in a subprocess (its own local Ray) is SIGKILLed mid-run with its whole process
     group, then run again: it completes, and the fake server saw no repeated request beyond the
     ones in flight at the kill (bounded by actors x actor_concurrency) - the rest came from the cache.

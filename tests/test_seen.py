@@ -1,47 +1,36 @@
-"""SeenKeys: the driver's compact exactly-once set must answer like a Python set, collisions included."""
+"""SeenRows: the driver's exactly-once bitmap must answer like a Python set of positions."""
 
 import random
 
 import pytest
 
-import evoray.seen as seen_mod
-from evoray.seen import SeenKeys
+from evoray.seen import SeenRows
 
 
-def _check_against_set(keys, merge_every):
-    s, ref = SeenKeys(merge_every=merge_every), set()
-    for start in range(0, len(keys), 37):
-        batch = keys[start:start + 37]
-        got = s.add_new(batch)
-        want = []
-        for k in batch:
-            want.append(k not in ref)
-            ref.add(k)
-        assert got == want
-    assert len(s) == len(ref)
-    for k in random.Random(1).sample(keys, 200):
-        assert k in s
-    assert "never-added" not in s
-
-
-@pytest.mark.parametrize("merge_every", [1, 7, 65_536])
-def test_answers_like_a_set_with_repeats(merge_every):
+def test_answers_like_a_set_with_repeats_inside_and_across_batches():
     rng = random.Random(0)
-    keys = [f"row-{rng.randrange(3000)}" for _ in range(5000)]  # about 40 % repeats, some inside one batch
-    _check_against_set(keys, merge_every)
+    n = 3000
+    positions = [rng.randrange(n) for _ in range(5000)]  # about 40 % repeats
+    s, ref = SeenRows(n), set()
+    for start in range(0, len(positions), 37):
+        batch = positions[start:start + 37]
+        want = []
+        for p in batch:
+            want.append(p not in ref)
+            ref.add(p)
+        assert s.add_new(batch) == want
+    assert len(s) == len(ref)
 
 
-@pytest.mark.parametrize("merge_every", [1, 50])
-def test_hash_collisions_never_drop_a_distinct_key(monkeypatch, merge_every):
-    # every key shares one of 3 hashes: only the exact comparison can tell them apart
-    monkeypatch.setattr(seen_mod, "_h", lambda k: len(k) % 3)
-    rng = random.Random(2)
-    keys = [f"k{rng.randrange(400)}" for _ in range(1500)]
-    _check_against_set(keys, merge_every)
+def test_every_position_of_a_large_input_lands_once_in_a_small_bitmap():
+    n = 1_000_003  # not a multiple of 8: the last byte is partial
+    s = SeenRows(n)
+    assert all(s.add_new(range(n)))
+    assert len(s) == n and len(s._bits) == 125_001
+    assert s.add_new([0, n - 1, 500_000]) == [False, False, False]
 
 
-def test_many_chunks_are_packed_and_still_found():
-    s = SeenKeys(merge_every=100)
-    for b in range(200):  # more than 64 chunks forces the repacking path
-        assert s.add_new([f"b{b}-{i}" for i in range(5)]) == [True] * 5
-    assert s.add_new(["b0-0", "b199-4", "b100-2", "new"]) == [False, False, False, True]
+@pytest.mark.parametrize("bad", [None, -1, 10])
+def test_a_position_outside_the_input_is_an_error_not_a_silent_drop(bad):
+    with pytest.raises(ValueError, match="outside the input's 10 rows"):
+        SeenRows(10).add_new([1, bad])
