@@ -176,7 +176,7 @@ def limit_read_ahead(mb: int) -> None:
     the read-ahead grew the driver with the input: +300 MiB at 1,000,000 rows (B5 in BENCHMARKS.md).
     """
     import ray.data
-    from ray.data._internal.execution.interfaces import ExecutionResources
 
     opts = ray.data.DataContext.get_current().execution_options
-    opts.resource_limits = ExecutionResources(object_store_memory=mb * 2**20)
+    # copy(): the other limits stay as they are (a fresh ExecutionResources would set them to 0)
+    opts.resource_limits = opts.resource_limits.copy(object_store_memory=mb * 2**20)
