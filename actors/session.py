@@ -105,18 +105,21 @@ class RaySession:
             self.replicas[p.name] = handles
 
     # ---- pools ----------------------------------------------------------------------------------
-    def run_pool(self, stage: str, ds, n_actors: int, extra: dict | None = None) -> Iterator[pa.Table]:
+    def run_pool(self, stage: str, ds, n_actors: int, extra: dict | None = None,
+                 total_rows: int | None = None) -> Iterator[pa.Table]:
         import ray
 
         from actors.pools import StageUDF
+        from evoray.raydata import pool_block_rows
 
         cfg = self.config.ray
         remote_args = {}
         if cfg.spread:
             remote_args["scheduling_strategy"] = "SPREAD"
         limit_read_ahead(cfg.read_ahead_mb)
-        # small blocks, so every actor of the pool gets work from a single input file
-        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
+        # blocks small enough that every actor gets work from a single input file, large enough that
+        # Ray Data's per-block bookkeeping in the driver stays small at a million rows
+        ds = ds.repartition(target_num_rows_per_block=pool_block_rows(total_rows, cfg.batch_size, n_actors))
         out = ds.map_batches(
             StageUDF,
             fn_constructor_kwargs=dict(stage=stage, config_json=self._config_json, job_id=self.job_id, extra=extra or {}),

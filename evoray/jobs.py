@@ -202,7 +202,7 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     ok = False
     try:
         ds = session.dataset_from_parquet(str(input_path))
-        for batch in session.run_pool(worker, ds, n_actors, extra):
+        for batch in session.run_pool(worker, ds, n_actors, extra, total_rows=total):
             status = batch.column("status").to_pylist()
             reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
             if POS not in batch.column_names:

@@ -110,6 +110,20 @@ def read_parquet_chunks(path: str, rows_per_read: int = 4096, num_cpus: float = 
     return ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
 
+def pool_block_rows(total_rows: int | None, batch_size: int, n_actors: int) -> int:
+    """Rows per block fed to a pool: ``batch_size`` for small inputs, so every actor gets work,
+    growing to at most 16 batches for large ones, keeping at least 8 blocks per actor.
+
+    Ray Data's driver keeps a little bookkeeping for every block it has run (about 11 KB: B5 in
+    BENCHMARKS.md), so a million rows in 64-row blocks (15,625 of them) grew the driver by about
+    170 MiB; in blocks of 1,024 rows, about 11 MiB.
+    """
+    if not total_rows:
+        return batch_size
+    per_block = total_rows // (max(1, n_actors) * 8) // batch_size * batch_size
+    return max(batch_size, min(per_block, batch_size * 16))
+
+
 def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int]]:
     """Consecutive row-group ranges ``[first, stop)`` of about ``rows_per_read`` rows each."""
     md = pq.ParquetFile(path).metadata

@@ -18,3 +18,17 @@ def test_read_ahead_cap_sets_only_the_object_store_limit():
         assert math.isinf(lim.cpu) and math.isinf(lim.memory)  # a zero CPU limit would starve reads
     finally:
         opts.resource_limits = saved
+
+
+def test_pool_blocks_stay_small_for_small_inputs_and_grow_for_large_ones():
+    from evoray.raydata import pool_block_rows
+
+    assert pool_block_rows(None, 64, 4) == 64
+    assert pool_block_rows(12, 64, 4) == 64          # a tiny input: one batch-sized block
+    assert pool_block_rows(2_000, 64, 4) == 64       # 31 blocks: every actor gets several
+    assert pool_block_rows(20_000, 64, 4) == 576     # 35 blocks of whole batches
+    assert pool_block_rows(50_000, 64, 4) == 1_024   # capped at 16 batches
+    assert pool_block_rows(1_000_000, 64, 4) == 1_024  # capped at 16 batches: 977 blocks, not 15,625
+    for total in (100, 5_000, 77_777, 10**7):
+        rows = pool_block_rows(total, 50, 3)
+        assert rows % 50 == 0 and 50 <= rows <= 800
