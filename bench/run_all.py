@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
     m0 = machine()
     say(f"machine: {m0['nproc']} CPUs ({m0['cpu']}), {m0['mem_gib']} GiB, load {m0['load']}; "
         f"quick={QUICK} full={common.FULL} repeats={common.repeats()}")
-    cmd = ("BENCH_QUICK=1 " if QUICK else "") + ("BENCH_FULL=1 " if common.FULL else "") + "python bench/run_all.py"
+    cmd = "".join(f"{k}={os.environ[k]} " for k in ("BENCH_QUICK", "BENCH_FULL", "BENCH_REPEATS", "BENCH_B5_BIG")
+                  if os.environ.get(k)) + "python bench/run_all.py"
     cmd += "" if chosen == DEFAULT else " " + " ".join(chosen)
     t_all = time.perf_counter()
     common.init_ray()
