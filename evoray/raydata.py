@@ -100,12 +100,8 @@ def read_parquet_chunks(path: str, rows_per_read: int = 4096, num_cpus: float = 
     """
     import ray.data
 
-    md = pq.ParquetFile(path).metadata
-    starts = [0]
-    for g in range(md.num_row_groups):
-        starts.append(starts[-1] + md.row_group(g).num_rows)
-    items = [{"path": path, "first": a, "stop": b, "offset": starts[a], "positions": positions}
-             for a, b in row_group_chunks(path, rows_per_read)]
+    items = [{"path": path, "first": a, "stop": b, "offset": offset, "positions": positions}
+             for a, b, offset in row_group_chunks(path, rows_per_read)]
     ds = ray.data.from_items(items or [{"path": path, "first": 0, "stop": 0, "offset": 0, "positions": positions}])
     return ds.map_batches(read_row_groups, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
@@ -124,17 +120,18 @@ def pool_block_rows(total_rows: int | None, batch_size: int, n_actors: int) -> i
     return max(batch_size, min(per_block, batch_size * 16))
 
 
-def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int]]:
-    """Consecutive row-group ranges ``[first, stop)`` of about ``rows_per_read`` rows each."""
+def row_group_chunks(path: str, rows_per_read: int) -> list[tuple[int, int, int]]:
+    """Consecutive row-group ranges ``(first, stop, offset)`` of about ``rows_per_read`` rows each;
+    ``offset`` is the position in the file of the range's first row."""
     md = pq.ParquetFile(path).metadata
-    out, first, rows = [], 0, 0
+    out, first, rows, offset = [], 0, 0, 0
     for g in range(md.num_row_groups):
         rows += md.row_group(g).num_rows
         if rows >= rows_per_read:
-            out.append((first, g + 1))
-            first, rows = g + 1, 0
+            out.append((first, g + 1, offset))
+            first, offset, rows = g + 1, offset + rows, 0
     if first < md.num_row_groups:
-        out.append((first, md.num_row_groups))
+        out.append((first, md.num_row_groups, offset))
     return out
 
 

@@ -32,3 +32,21 @@ def test_pool_blocks_stay_small_for_small_inputs_and_grow_for_large_ones():
     for total in (100, 5_000, 77_777, 10**7):
         rows = pool_block_rows(total, 50, 3)
         assert rows % 50 == 0 and 50 <= rows <= 800
+
+
+def test_row_group_chunks_cover_the_file_once_with_the_offset_of_each_first_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evoray.raydata import row_group_chunks
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"n": list(range(10_000))}), path, row_group_size=700)
+    chunks = row_group_chunks(str(path), 2_000)
+    f = pq.ParquetFile(path)
+    got = []
+    for first, stop, offset in chunks:
+        part = f.read_row_groups(list(range(first, stop))).column("n").to_pylist()
+        assert part[0] == offset
+        got += part
+    assert got == list(range(10_000))  # every row in exactly one chunk, in order
