@@ -39,7 +39,7 @@ def local_num_cpus(config: JobConfig) -> int:
     return int((os.cpu_count() or 1) + -(-reserved // 1))
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -48,7 +48,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False,
+                 object_store_memory=object_store_mb * 2**20 if object_store_mb else None, **kwargs)
     _quiet_ray_data()
 
 
@@ -64,6 +65,13 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+#: Ray starts worker processes niced (``worker_niceness``, 15), which suits API-bound pool actors
+#: but not model replicas: they compute, and a niced replica loses its CPU to any un-niced process
+#: (B6 in BENCHMARKS.md measured 0.88 of direct llama-cpp-python on an idle machine, 0.25 beside
+#: another job). Ray honours this variable per runtime env, as its job supervisor does.
+REPLICA_RUNTIME_ENV = {"env_vars": {"RAY_worker_niceness": "0"}}
+
+
 class RaySession:
     def __init__(self, config: JobConfig, address: str | None = None, roles: list[str] | None = None,
                  job_id: str | None = None):
@@ -73,7 +81,7 @@ class RaySession:
         from actors.pools import gate_name
 
         self.config = config
-        init_ray(resolve_address(address, config), local_num_cpus(config))
+        init_ray(resolve_address(address, config), local_num_cpus(config), config.ray.object_store_mb)
         self.job_id = job_id or uuid.uuid4().hex[:12]
         providers = [p.model_dump(mode="json") for p in config.providers]
         self.gate = GateActor.options(name=gate_name(self.job_id), lifetime=None).remote(providers, config.budget_usd)
@@ -97,8 +105,9 @@ class RaySession:
                 threads = p.n_threads or max(1, int(p.num_cpus))
                 handles.append(
                     LocalModelReplica.options(name=replica_name(self.job_id, p.name, i), num_cpus=p.num_cpus,
-                                              scheduling_strategy="SPREAD" if self.config.ray.spread else "DEFAULT")
-                    .remote(p.model, p.n_ctx, threads)
+                                              scheduling_strategy="SPREAD" if self.config.ray.spread else "DEFAULT",
+                                              runtime_env=REPLICA_RUNTIME_ENV)
+                    .remote(p.model, p.n_ctx, threads, p.extra_buffers)
                 )
             # wait for the model to load so a broken model fails here, clearly
             ray.get([h.info.remote() for h in handles])

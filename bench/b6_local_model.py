@@ -28,12 +28,11 @@ PROMPTS = [
 
 
 def direct_engine():
-    from llama_cpp import Llama
+    """llama-cpp-python's ``Llama`` with the job's load settings (extra weight buffers off, see
+    ``evoray.providers.local.load_llama``), called directly in this process."""
+    from evoray.providers.local import load_llama, resolve_model_path
 
-    from evoray.providers.local import resolve_model_path
-
-    return Llama(model_path=str(resolve_model_path("smollm2-135m")), n_ctx=N_CTX, n_threads=THREADS, seed=0,
-                 verbose=False)
+    return load_llama(resolve_model_path("smollm2-135m"), n_ctx=N_CTX, n_threads=THREADS, seed=0)
 
 
 def run_direct(llm, prompts) -> tuple[int, float]:

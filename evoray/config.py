@@ -58,11 +58,18 @@ class ProviderConfig(Base):
     backoff_max_s: float = Field(60.0, ge=0, description="largest backoff delay")
     cooldown_s: float = Field(30.0, ge=0, description="how long a provider that keeps failing is taken out")
     failures_before_cooldown: int = Field(3, ge=1, description="consecutive failed requests that start a cool-down")
+    http_client: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="kinds openai/anthropic: the SDK's HTTP transport; aiohttp (the SDKs' DefaultAioHttpClient) "
+                    "spends about a quarter less CPU per request than the default httpx (B4 in BENCHMARKS.md)")
     # local-model knobs
     replicas: int = Field(1, ge=1, description="kind local: model replicas (Ray actors), each loads the model once")
     n_threads: int | None = Field(None, ge=1, description="kind local: llama.cpp threads per replica (default: num_cpus of the replica)")
     n_ctx: int = Field(2048, ge=256, description="kind local: context window in tokens")
     num_cpus: float = Field(1.0, gt=0, description="kind local: CPUs each model replica reserves (they compute)")
+    extra_buffers: bool = Field(
+        False, description="kind local: let llama.cpp use its extra weight buffers (runtime repacking, Intel AMX); "
+                           "off because the AMX path crashed (SIGSEGV) on an Intel Xeon here")
 
     @model_validator(mode="after")
     def _check(self):
@@ -111,6 +118,10 @@ class RayConfig(Base):
     batch_size: int = Field(64, ge=1, description="rows per map_batches batch")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started for the job (default: all)")
     spread: bool = Field(False, description="spread pool actors over nodes (SPREAD scheduling)")
+    object_store_mb: int | None = Field(
+        None, ge=64,
+        description="object store MiB of a local Ray started for the job (default: Ray's, 30% of RAM); every "
+                    "process that reads blocks maps the store's pages, so a smaller store keeps their RSS smaller")
     read_ahead_mb: int = Field(
         64, ge=8,
         description="object-store MiB a stage's Ray Data pipeline may hold ahead of its pool; bounds read-ahead "

@@ -181,16 +181,31 @@ async def test_anthropic_default_fake_reply_is_valid_json_for_a_schema(server):
     assert isinstance(out.parsed, dict) and set(out.parsed) == {"score", "explanation"}
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_the_sdk_transport_follows_http_client(server, kind):
+    srv = server(FakeServerConfig())
+    seen = {}
+    for http_client in ("aiohttp", "httpx"):
+        prov = build_provider(config(srv, kind, http_client=http_client))
+        prov.prepare() if kind == "openai" else prov._sdk()
+        seen[http_client] = type(prov._sdk()._client).__name__
+        client = LLMClient([prov], LocalGate(Gatekeeper([prov.config])))
+        assert (await client.complete(req())).text
+        await client.aclose()
+    assert "AioHttp" in seen["aiohttp"] and "AioHttp" not in seen["httpx"], seen
+
+
 # ---- 2. retries through the SDK path ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_retryable_faults_are_retried_until_the_request_completes(server, kind):
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_retryable_faults_are_retried_until_the_request_completes(server, kind, http_client):
     srv = server(FakeServerConfig(hang_s=5.0))
     srv.script([Fault.RATE_LIMITED, Fault.ERROR_500, Fault.ERROR_503, Fault.MALFORMED, Fault.EMPTY, Fault.HANG,
                 "finally"])
     sleep = Recorder()
-    client = client_for([config(srv, kind, max_attempts=8, timeout_s=0.5)], sleep=sleep)
+    client = client_for([config(srv, kind, max_attempts=8, timeout_s=0.5, http_client=http_client)], sleep=sleep)
     out = await client.complete(req())
     await client.aclose()
     assert out.text == "finally" and out.attempts == 7

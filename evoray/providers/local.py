@@ -49,15 +49,50 @@ def resolve_model_path(model: str) -> Path:
     return path
 
 
+def load_llama(path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 0,
+               extra_buffers: bool = False):
+    """A ``llama_cpp.Llama`` for ``path``; ``extra_buffers=False`` loads the weights without
+    llama.cpp's extra buffer types (runtime weight repacking and the Intel AMX kernels).
+
+    Why off by default: on an Intel Xeon with AMX (this project's CI machine, 2026-12) every
+    generation crashed the process with SIGSEGV in ``ggml_backend_amx_mul_mat``; with the extra
+    buffers off the same build generates normally. SmolLM2's Q4_1 weights have no CPU repack
+    path, so nothing is lost on other CPUs. ``Llama()`` has no argument for the field
+    (``llama_model_params.use_extra_bufts``), so its default-params function is wrapped while the
+    model loads.
+    """
+    import llama_cpp
+    import llama_cpp.llama as llama_mod
+
+    if extra_buffers:
+        return llama_mod.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+    with _LOAD_LOCK:
+        default = llama_cpp.llama_model_default_params
+
+        def params():
+            p = default()
+            if hasattr(p, "use_extra_bufts"):
+                p.use_extra_bufts = False
+            return p
+
+        llama_mod.llama_cpp.llama_model_default_params = params
+        try:
+            return llama_mod.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+        finally:
+            llama_mod.llama_cpp.llama_model_default_params = default
+
+
+_LOAD_LOCK = threading.Lock()
+
+
 class LocalEngine:
     """Loads the model once; ``generate`` is synchronous and not re-entrant (callers serialise)."""
 
-    def __init__(self, model: str, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 0):
-        from llama_cpp import Llama
-
+    def __init__(self, model: str, n_ctx: int = 2048, n_threads: int | None = None, seed: int = 0,
+                 extra_buffers: bool = False):
         self.model_name = model
         self.path = resolve_model_path(model)
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+        self.llm = load_llama(self.path, n_ctx=n_ctx, n_threads=n_threads, seed=seed, extra_buffers=extra_buffers)
         self.n_ctx = n_ctx
 
     def generate(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +138,8 @@ class LocalProvider(Provider):
     def _local_engine(self) -> LocalEngine:
         with self._lock:
             if self._engine is None:
-                self._engine = LocalEngine(self.config.model, self.config.n_ctx, self.config.n_threads)
+                self._engine = LocalEngine(self.config.model, self.config.n_ctx, self.config.n_threads,
+                                           extra_buffers=self.config.extra_buffers)
             return self._engine
 
     async def complete(self, request: Request) -> Completion:

@@ -36,8 +36,24 @@ class SDKProvider(Provider):
                 base_url=self.config.base_url or None,
                 max_retries=0,
                 timeout=self.config.timeout_s,
+                **self._http_client_kwargs(),
             )
         return self._client
+
+    def _http_client_kwargs(self) -> dict[str, Any]:
+        """``http_client: aiohttp`` (the default): the SDK's own ``DefaultAioHttpClient``, the same
+        SDK request and response code over aiohttp's transport, which costs about a quarter less CPU
+        per request than httpx here (measured: 1.01 vs 1.38 ms per chat completion against the fake
+        server). When the SDK build lacks its aiohttp support, the default transport is used."""
+        if self.config.http_client != "aiohttp":
+            return {}
+        factory = getattr(self._sdk_module(), "DefaultAioHttpClient", None)
+        if factory is None:
+            return {}
+        try:
+            return {"http_client": factory(timeout=self.config.timeout_s)}
+        except RuntimeError:  # "you must have installed the package with the `aiohttp` extra"
+            return {}
 
     def _client_class(self):
         raise NotImplementedError
