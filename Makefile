@@ -34,7 +34,7 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-# B5 at 1,000,000 rows through the real SDK: about 75 minutes on 2 cores, so not part of `make bench`
+# B5 at 1,000,000 rows through the real SDK: about 15 minutes on 2 cores, so not part of `make bench` (10 min)
 bench-full: $(STAMP)
 	$(PY) bench/run_all.py b5full
 

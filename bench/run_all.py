@@ -1,7 +1,7 @@
 """Run every benchmark in one process under one local Ray and write BENCHMARKS.md.
 
-``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6; about 20 minutes on 2 cores;
-``make bench-full`` runs ``b5full``, B5 at 1,000,000 rows, about 75 minutes). Each run merges its
+``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6; about 10 minutes on 2 cores;
+``make bench-full`` runs ``b5full``, B5 at 1,000,000 rows, about 15 minutes). Each run merges its
 entries into ``bench/results.json``, and BENCHMARKS.md shows the latest run of every entry.
 ``BENCH_QUICK=1`` shrinks sizes and repetitions (the smoke test) and writes
 ``out/bench/BENCHMARKS.quick.md`` instead of BENCHMARKS.md. The hand-written closing note of
@@ -33,7 +33,7 @@ BENCHES = {
     "b6": ("b6_local_model", "B6 embedded model"),
     "b5full": ("b5_memory", "B5 memory at 1,000,000 rows", "run_full"),
 }
-DEFAULT = ["b1", "b2", "b3", "b4", "b5", "b6"]  # `make bench`; b5full is `make bench-full` (about 75 min)
+DEFAULT = ["b1", "b2", "b3", "b4", "b5", "b6"]  # `make bench`; b5full is `make bench-full` (about 15 min)
 RESULTS = ROOT / "bench" / "results.json"  # every entry's latest full-size run, merged across invocations
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept by run_all.py -->", "<!-- /notes -->"
 
