@@ -61,7 +61,7 @@ def run_full() -> list:
 def run(full: bool = False) -> list:
     small, big = sizes(full)
     res: dict[int, list[dict]] = {small: [], big: []}
-    # BENCH_REPEATS runs of each size (default 3); one of a size above 100,000 rows (1M is ~25 min)
+    # BENCH_REPEATS runs of each size (default 3); one of a size above 100,000 rows (1M is ~14 min)
     reps = common.repeats()
     reps_small, reps_big = reps, (reps if big <= 100_000 else 1)
     with ServerProcess(latency_s=0.0, latency_dist="fixed") as srv:

@@ -118,3 +118,13 @@ def test_local_provider_through_the_client(provider, local_config):
     assert out.text.strip() and out.provider == "local" and out.attempts == 1
     tally = client.gate.keeper.ledger.to_dict()["providers"]["local"]
     assert tally["succeeded"] == 1 and tally["output_tokens"] == out.output_tokens > 0
+
+
+def test_the_model_loads_without_extra_weight_buffers_and_the_switch_is_restored(provider):
+    """The AMX path of llama.cpp's extra buffers crashed here; the default load turns them off, and
+    only for that load (llama-cpp-python's own default is left as it was)."""
+    import llama_cpp.llama_cpp as lib
+
+    engine = provider._local_engine()
+    assert engine.llm.model_params.use_extra_bufts is False
+    assert lib.llama_model_default_params().use_extra_bufts is True

@@ -187,7 +187,6 @@ async def test_the_sdk_transport_follows_http_client(server, kind):
     seen = {}
     for http_client in ("aiohttp", "httpx"):
         prov = build_provider(config(srv, kind, http_client=http_client))
-        prov.prepare() if kind == "openai" else prov._sdk()
         seen[http_client] = type(prov._sdk()._client).__name__
         client = LLMClient([prov], LocalGate(Gatekeeper([prov.config])))
         assert (await client.complete(req())).text

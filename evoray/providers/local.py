@@ -62,12 +62,15 @@ def load_llama(path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None
     model loads.
     """
     import llama_cpp
-    import llama_cpp.llama as llama_mod
+    import llama_cpp.llama_cpp as lib  # the ctypes bindings, where Llama() looks up the function
+
+    def load():
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
 
     if extra_buffers:
-        return llama_mod.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+        return load()
     with _LOAD_LOCK:
-        default = llama_cpp.llama_model_default_params
+        default = lib.llama_model_default_params
 
         def params():
             p = default()
@@ -75,11 +78,11 @@ def load_llama(path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None
                 p.use_extra_bufts = False
             return p
 
-        llama_mod.llama_cpp.llama_model_default_params = params
+        lib.llama_model_default_params = params
         try:
-            return llama_mod.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, seed=seed, verbose=False)
+            return load()
         finally:
-            llama_mod.llama_cpp.llama_model_default_params = default
+            lib.llama_model_default_params = default
 
 
 _LOAD_LOCK = threading.Lock()
