@@ -470,3 +470,31 @@ async def test_repeated_request_is_a_cache_hit_and_sends_nothing(server, tmp_pat
         assert KEY.encode() not in blob and b"DISTINCTIVE" not in blob
         assert srv.url.encode() not in blob  # no base URL either
         json.loads(blob)
+
+
+# ---- the Chat Completions reply parser (OpenAIProvider reads the JSON body itself) ----------------
+
+def _openai_provider():
+    return build_provider(ProviderConfig(name="oa", kind="openai", model="cfg-model", base_url="http://127.0.0.1:9/v1"))
+
+
+def test_openai_reply_fields_are_read_from_the_json_body():
+    p = _openai_provider()
+    body = {"id": "x", "model": "served-model", "choices": [{"index": 0, "finish_reason": "length",
+            "message": {"role": "assistant", "content": '{"score": 4}', "refusal": None, "new_field": [1]}}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}, "unknown": {"a": 1}}
+    out = p._completion(json.dumps(body).encode(), wants_json=True)
+    assert (out.text, out.parsed, out.input_tokens, out.output_tokens) == ('{"score": 4}', {"score": 4}, 11, 3)
+    assert (out.provider, out.model, out.finish_reason) == ("oa", "served-model", "length")
+    # no usage, no model, null content: zeros, the configured model, empty text
+    bare = p._completion(b'{"choices": [{"message": {"content": null}}]}', wants_json=False)
+    assert (bare.text, bare.input_tokens, bare.output_tokens, bare.model, bare.parsed) == ("", 0, 0, "cfg-model", None)
+
+
+@pytest.mark.parametrize("raw", [b"", b"{not json", b"[1, 2]", b'{"choices": []}', b'{"choices": null}', b'{"object": "x"}',
+                                 b'{"choices": "abc"}', b'{"choices": [{"message": {"content": ["a"]}}]}',
+                                 b'{"choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": "many"}}'])
+def test_openai_reply_that_is_not_a_chat_completion_is_a_retryable_malformed_error(raw):
+    with pytest.raises(ProviderError) as e:
+        _openai_provider()._completion(raw, wants_json=False)
+    assert e.value.kind == "malformed" and e.value.retryable and e.value.provider == "oa"
