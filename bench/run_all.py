@@ -1,7 +1,7 @@
 """Run every benchmark in one process under one local Ray and write BENCHMARKS.md.
 
-``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6; about 10 minutes on 2 cores;
-``make bench-full`` runs ``b5full``, B5 at 1,000,000 rows, about 15 minutes). Each run merges its
+``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6, B5's 1,000,000 rows once;
+``make bench-full`` runs ``b5full``, B5 with three 1,000,000-row runs for their median). Each run merges its
 entries into ``bench/results.json``, and BENCHMARKS.md shows the latest run of every entry.
 ``BENCH_QUICK=1`` shrinks sizes and repetitions (the smoke test) and writes
 ``out/bench/BENCHMARKS.quick.md`` instead of BENCHMARKS.md. The hand-written closing note of
@@ -31,9 +31,9 @@ BENCHES = {
     "b4": ("b4_overhead", "B4 overhead of the rater pool"),
     "b5": ("b5_memory", "B5 memory at scale"),
     "b6": ("b6_local_model", "B6 embedded model"),
-    "b5full": ("b5_memory", "B5 memory at 1,000,000 rows", "run_full"),
+    "b5full": ("b5_memory", "B5 memory at scale, three large runs", "run_full"),
 }
-DEFAULT = ["b1", "b2", "b3", "b4", "b5", "b6"]  # `make bench`; b5full is `make bench-full` (about 15 min)
+DEFAULT = ["b1", "b2", "b3", "b4", "b5", "b6"]  # `make bench`; b5full is `make bench-full`
 RESULTS = ROOT / "bench" / "results.json"  # every entry's latest full-size run, merged across invocations
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept by run_all.py -->", "<!-- /notes -->"
 
@@ -106,7 +106,7 @@ def render(runs: list[dict], results: dict[str, dict], md_path: Path) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "Written by `bench/run_all.py` (`make bench`; `make bench-full` adds B5 at 1,000,000 rows); every figure",
+        "Written by `bench/run_all.py` (`make bench`; `make bench-full` repeats B5's 1,000,000 rows); every figure",
         "is the median of the runs listed beside it. All API traffic goes to the fake LLM server",
         "(`evoray.testing.fake_server`) on 127.0.0.1, run in its own process; the Ray benchmarks share one local",
         "Ray started by the script. The figures of each entry come from its latest run (`bench/results.json`).",
