@@ -478,9 +478,19 @@ def _iter_array(path: Path) -> Iterator[_Item]:
         yield _Item("record", i, record=rec)
 
 
+def parquet_stream(path: str | os.PathLike) -> pq.ParquetFile:
+    """A Parquet file opened for streaming with ``iter_batches``: without pre-buffering.
+
+    ``pq.ParquetFile`` pre-buffers by default, and ``iter_batches`` over all row groups then reads
+    every column chunk of the file ahead: iterating a 25 MiB file held 31 MiB of Arrow memory
+    (6 MiB without), so a stage's selection pass grew the driver with the number of rows.
+    """
+    return pq.ParquetFile(path, pre_buffer=False)
+
+
 def _iter_parquet(path: Path) -> Iterator[_Item]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = parquet_stream(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise InputError(f"not a readable Parquet file: {e}", str(path)) from None
     i = 0

@@ -150,10 +150,9 @@ def _head(path: Path | None, n: int = EXAMPLES) -> list[dict[str, Any]]:
     if path is None:
         return []
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+        from .io import parquet_stream
 
-        f = pq.ParquetFile(path)
-        for batch in f.iter_batches(batch_size=max(1, n)):
+        for batch in parquet_stream(path).iter_batches(batch_size=max(1, n)):  # reads the first batch only
             return batch.to_pylist()[:n]
         return []
     rows = []

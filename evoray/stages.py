@@ -22,7 +22,7 @@ from .errors import BudgetExceeded, UsageError
 from .jobs import (JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
                    prepare_input, run_pool_stage, stop_for_budget, write_canonical, write_ledger, write_marker)
 from .schema import RESULT_SCHEMA
-from .io import read_table
+from .io import parquet_stream, read_table
 from .sinks import TableSink, find_table
 
 log = logging.getLogger("evoray")
@@ -73,7 +73,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     # selection streams the scored file (memory flat in the number of rows): the threshold rule needs
     # nothing else; a top_k budget first reads the score column (8 bytes a row) and the ids on the cut
     scored_path = outdir / "_scored.parquet"
-    scored_file = pq.ParquetFile(scored_path) if scored_path.exists() else None
+    scored_file = parquet_stream(scored_path) if scored_path.exists() else None
 
     def scored_batches(columns=None):
         if scored_file is not None:
@@ -114,7 +114,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
                                                                           seed=cfg.rate.seed), pa.int64())))
         del all_ids, order
         sink = TableSink(outdir, "random_baseline", fmt, RESULT_SCHEMA)
-        for batch in pq.ParquetFile(input_path).iter_batches(batch_size=10_000):
+        for batch in parquet_stream(input_path).iter_batches(batch_size=10_000):
             t = pa.Table.from_batches([batch])
             sink.write(t.filter(pc.is_in(t.column("id"), value_set=base)).to_pylist())
         sink.close()

@@ -468,3 +468,22 @@ def test_table_sink_packs_small_batches_into_row_groups_and_aborts_cleanly(tmp_p
     dead.write([{"id": "x", "n": 1}])
     dead.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_parquet_stream_reads_one_row_group_at_a_time(tmp_path):
+    """Iterating a many-row-group file holds about one row group of Arrow memory, not the file."""
+    path = tmp_path / "big.parquet"
+    n, group = 64 * 1024, 1024
+    text = pa.array([f"{i:08d} " + "x" * 200 for i in range(n)])  # ~13 MiB, incompressible enough
+    pq.write_table(pa.table({"t": text}), path, row_group_size=group, compression="none",
+                   use_dictionary=False)
+    file_size = path.stat().st_size
+    del text
+    base = pa.total_allocated_bytes()
+    live, rows = 0, 0
+    for batch in io.parquet_stream(path).iter_batches(batch_size=group):
+        live = max(live, pa.total_allocated_bytes() - base)
+        rows += batch.num_rows
+    assert rows == n
+    # pq.ParquetFile's default pre-buffering holds the whole file here (about file_size)
+    assert live < file_size / 8, (live, file_size)
