@@ -34,7 +34,7 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run_all.py
 
-# B5 at 1,000,000 rows through the real SDK: about 15 minutes on 2 cores, so not part of `make bench` (10 min)
+# `make bench` runs B5's 1,000,000 rows once; bench-full runs them three times for a median (about 30 min)
 bench-full: $(STAMP)
 	$(PY) bench/run_all.py b5full
 

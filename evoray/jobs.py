@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -182,11 +182,15 @@ def write_ledger(ctx: JobContext, outdir: Path) -> dict:
 
 def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, outdir: Path,
                    tables: dict[str, str], n_actors: int, extra: dict | None = None,
-                   schema: pa.Schema = RESULT_SCHEMA, formats: dict[str, str] | None = None) -> dict[str, int]:
+                   schema: pa.Schema = RESULT_SCHEMA, formats: dict[str, str] | None = None,
+                   route: Callable[[pa.Table], pa.Table] | None = None) -> dict[str, int]:
     """Stream the input through a pool; route result rows by status into tables.
 
     ``tables`` maps a status to a table name (e.g. {"scored": "scored", "failed": "failed"});
     ``formats`` overrides the output format for some tables (intermediate ones are always Parquet).
+    ``route``, when given, sees every batch of rows that land (each input row once) and returns it
+    with its final statuses, e.g. the rate stage's threshold rule turning ``scored`` into
+    ``kept`` / ``rejected`` as rows arrive.
     Rows failed by the budget cap are not written (they were not done); returns counts per table
     and ``budget_stopped``.
     """
@@ -216,6 +220,8 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
             duplicates += done.count(True) - keep.count(True)
             if not all(keep):
                 batch = batch.filter(pa.array(keep))
+            if route is not None:
+                batch = route(batch)
             if "_worker" in batch.column_names:
                 for w in set(batch.column("_worker").to_pylist()):
                     if w:

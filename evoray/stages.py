@@ -55,9 +55,79 @@ def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | N
 
 # ---- rate -----------------------------------------------------------------------------------------
 
+def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
+    """Rate with the threshold rule, applied to rows as they arrive: one pass, no intermediate file.
+
+    Each landed batch's ``scored`` rows become ``kept`` (``score >= threshold``) or ``rejected``
+    and go straight to their tables. (The two-pass path held about 50 MiB more in the driver at
+    the end of a 1,000,000-row run: B5 in BENCHMARKS.md.)
+    """
+    from .selection import Rule
+
+    cfg = ctx.config
+    rule = Rule(threshold=cfg.rate.threshold)
+
+    def route(batch: pa.Table) -> pa.Table:
+        status = batch.column("status")
+        scored = pc.equal(status, "scored")
+        scores = batch.column("score")
+        count_buckets(scores.filter(scored))
+        verdict = pc.if_else(rule.mask(scores, batch.column("id")), "kept", "rejected")
+        return batch.set_column(batch.schema.get_field_index("status"), "status",
+                                pc.if_else(scored, verdict, status).cast(pa.string()))
+
+    return run_pool_stage(ctx, "rate", "rate", input_path, outdir,
+                          {"kept": "kept", "rejected": "rejected", "failed": "failed"},
+                          cfg.ray.rater_actors, route=route)
+
+
+def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
+    """Rate with a ``top_k`` budget: the scored rows go to an intermediate Parquet file, and the
+    selection streams it (memory flat in the number of rows) after reading the score column
+    (8 bytes a row) for the cut and the ids on the cut for its ties."""
+    from .selection import finish, plan
+
+    cfg = ctx.config
+    fmt = cfg.output.format
+    counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
+                            cfg.ray.rater_actors, formats={"_scored": "parquet"})
+    scored_path = outdir / "_scored.parquet"
+    scored_file = parquet_stream(scored_path) if scored_path.exists() else None
+
+    def scored_batches(columns=None):
+        if scored_file is not None:
+            for b in scored_file.iter_batches(batch_size=10_000, columns=columns):
+                yield pa.Table.from_batches([b])
+
+    scores_col = (pq.read_table(scored_path, columns=["score"]).column("score").to_numpy()
+                  if scored_file is not None else [])
+    rule, take = plan(scores_col, threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
+    del scores_col
+    if take:
+        ties = [t.filter(pc.equal(t.column("score"), rule.cut)).column("id") for t in scored_batches(["id", "score"])]
+        rule = finish(rule, take, pa.chunked_array(ties, pa.string()).to_pylist())
+        del ties
+    sinks = {name: TableSink(outdir, name, fmt, RESULT_SCHEMA) for name in ("kept", "rejected")}
+    for t in scored_batches():
+        mask = rule.mask(t.column("score"), t.column("id"))
+        for name, m in (("kept", mask), ("rejected", pc.invert(mask))):
+            part = t.filter(m)
+            part = part.set_column(part.schema.get_field_index("status"), "status",
+                                   pa.array([name] * part.num_rows, pa.string()))
+            sinks[name].write(part)
+        count_buckets(t.column("score"))
+    del scored_file
+    for sink in sinks.values():
+        sink.close()
+    scored_path.unlink(missing_ok=True)
+    counts.pop("_scored", None)
+    counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
+    return counts
+
+
 def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
     from .plots import score_histogram
-    from .selection import BUCKETS, bucket_counts, finish, plan, random_positions
+    from .selection import BUCKETS, bucket_counts, random_positions
 
     cfg = ctx.config
     outdir.mkdir(parents=True, exist_ok=True)
@@ -68,44 +138,17 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
         return r
     clear_marker(outdir)
     fmt = cfg.output.format
-    counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
-                            cfg.ray.rater_actors, formats={"_scored": "parquet"})
-    # selection streams the scored file (memory flat in the number of rows): the threshold rule needs
-    # nothing else; a top_k budget first reads the score column (8 bytes a row) and the ids on the cut
-    scored_path = outdir / "_scored.parquet"
-    scored_file = parquet_stream(scored_path) if scored_path.exists() else None
-
-    def scored_batches(columns=None):
-        if scored_file is not None:
-            for b in scored_file.iter_batches(batch_size=10_000, columns=columns):
-                yield pa.Table.from_batches([b])
-
-    scores_col = (pq.read_table(scored_path, columns=["score"]).column("score").to_numpy()
-                  if scored_file is not None and cfg.rate.top_k is not None else [])
-    rule, take = plan(scores_col, threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
-    del scores_col
-    if take:
-        ties = [t.filter(pc.equal(t.column("score"), rule.cut)).column("id") for t in scored_batches(["id", "score"])]
-        rule = finish(rule, take, pa.chunked_array(ties, pa.string()).to_pylist())
-        del ties
-    sinks = {name: TableSink(outdir, name, fmt, RESULT_SCHEMA) for name in ("kept", "rejected")}
     buckets = dict.fromkeys(BUCKETS, 0)
-    for t in scored_batches():
-        mask = rule.mask(t.column("score"), t.column("id"))
-        for name, m in (("kept", mask), ("rejected", pc.invert(mask))):
-            part = t.filter(m)
-            part = part.set_column(part.schema.get_field_index("status"), "status",
-                                   pa.array([name] * part.num_rows, pa.string()))
-            sinks[name].write(part)
-        for b, c in bucket_counts(t.column("score").drop_null().to_pylist()).items():
+
+    def count_buckets(scores: pa.ChunkedArray | pa.Array) -> None:
+        for b, c in bucket_counts(scores.drop_null().to_pylist()).items():
             buckets[b] += c
+
+    if cfg.rate.top_k is None:
+        counts = _rate_threshold(ctx, input_path, outdir, count_buckets)
+    else:
+        counts = _rate_budget(ctx, input_path, outdir, count_buckets)
     buckets["unparsed"] += counts.get("failed", 0)
-    del scored_file
-    for sink in sinks.values():
-        sink.close()
-    scored_path.unlink(missing_ok=True)
-    counts.pop("_scored", None)
-    counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
     # the random baseline: a seeded subset of all input rows, the size of the kept set (ids kept as Arrow)
     if cfg.rate.random_baseline:
         all_ids = pq.read_table(input_path, columns=["id"]).column("id").combine_chunks()

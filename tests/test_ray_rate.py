@@ -41,6 +41,8 @@ def test_rate_1000_rows_two_actors_every_row_accounted(ray_session, shared_data,
     ids = [r["id"] for r in kept + rejected + failed]
     assert len(ids) == 1000 and len(set(ids)) == 1000
     assert all(r["score"] >= 4.5 for r in kept) and all(r["score"] < 4.5 for r in rejected)
+    assert {r["status"] for r in kept} == {"kept"} and {r["status"] for r in rejected} == {"rejected"}
+    assert not (out / "_scored.parquet").exists()  # the threshold rule is applied as rows arrive
     # the injected unusable replies end as failed rows carrying the raw text
     assert failed and all(r["raw"] == UNPARSEABLE and r["reason"] == "unparseable reply" for r in failed)
     assert all(r["provider"] == "fake" and r["model"] for r in kept + rejected)
@@ -67,6 +69,7 @@ def test_rate_1000_rows_two_actors_every_row_accounted(ray_session, shared_data,
     pairs = [(r["id"], r["score"]) for r in kept + rejected]
     kept2 = pq.read_table(tmp_path / "out2/kept.parquet").column("id").to_pylist()
     assert sorted(kept2) == sorted(select(pairs, top_k=300)[0]) and len(kept2) == 300
+    assert json.loads((tmp_path / "out2/scores.json").read_text())["buckets"] == scores["buckets"]
     base2 = pq.read_table(tmp_path / "out2/random_baseline.parquet").column("id").to_pylist()
     assert sorted(base2) == random_baseline(ids, 300, seed=7)
 
