@@ -115,24 +115,25 @@ class RaySession:
 
     # ---- pools ----------------------------------------------------------------------------------
     def run_pool(self, stage: str, ds, n_actors: int, extra: dict | None = None,
-                 total_rows: int | None = None) -> Iterator[pa.Table]:
+                 total_rows: int | None = None, row_bytes: int = 0) -> Iterator[pa.Table]:
         import ray
 
         from actors.pools import StageUDF
-        from evoray.raydata import pool_block_rows
+        from evoray.raydata import TASKS_PER_ACTOR, pool_block_rows, read_ahead_mb
 
         cfg = self.config.ray
         remote_args = {}
         if cfg.spread:
             remote_args["scheduling_strategy"] = "SPREAD"
-        limit_read_ahead(cfg.read_ahead_mb)
         # blocks small enough that every actor gets work from a single input file, large enough that
         # Ray Data's per-block bookkeeping in the driver stays small at a million rows
-        ds = ds.repartition(target_num_rows_per_block=pool_block_rows(total_rows, cfg.batch_size, n_actors))
+        block_rows = pool_block_rows(total_rows, cfg.batch_size, n_actors)
+        limit_read_ahead(read_ahead_mb(cfg.read_ahead_mb, n_actors, block_rows, row_bytes))
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
         out = ds.map_batches(
             StageUDF,
             fn_constructor_kwargs=dict(stage=stage, config_json=self._config_json, job_id=self.job_id, extra=extra or {}),
-            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=4),
+            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=TASKS_PER_ACTOR),
             num_cpus=cfg.actor_num_cpus,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",

@@ -191,7 +191,7 @@ def window_rate(stats: dict, count_key: str = "requests") -> float:
 #: Every process that reads blocks maps the store's pages, and they stay in its RSS after the
 #: block is freed; with Ray's default store (30 % of RAM, about 7 GiB here) the driver's RSS crept
 #: up by about 100 MiB of such shared pages over a 1,000,000-row run while its private memory
-#: stayed flat. A stage holds at most ``ray.read_ahead_mb`` (64 MiB) of blocks ahead of its pool.
+#: stayed flat. A stage holds at most ``ray.read_ahead_mb`` of blocks ahead of its pool (sized to the pool: 16 MiB in B5).
 OBJECT_STORE_MB = int(os.environ.get("BENCH_OBJECT_STORE_MB") or 512)
 
 

@@ -122,10 +122,11 @@ class RayConfig(Base):
         None, ge=64,
         description="object store MiB of a local Ray started for the job (default: Ray's, 30% of RAM); every "
                     "process that reads blocks maps the store's pages, so a smaller store keeps their RSS smaller")
-    read_ahead_mb: int = Field(
-        64, ge=8,
-        description="object-store MiB a stage's Ray Data pipeline may hold ahead of its pool; bounds read-ahead "
-                    "(small blocks live in the driver's memory, so an unbounded read-ahead grows the driver with the input)")
+    read_ahead_mb: int | None = Field(
+        None, ge=8,
+        description="object-store MiB a stage's Ray Data pipeline may hold ahead of its pool; null = sized to the "
+                    "pool (twice the input its actors have in flight, 16-256 MiB). Bounds read-ahead: every process "
+                    "keeps the store pages it touched resident, and small blocks live in the driver's memory")
 
 
 class CacheConfig(Base):

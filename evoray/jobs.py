@@ -29,7 +29,7 @@ from .config import JobConfig
 from .errors import BudgetExceeded, InputError, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
-from .raydata import POS, canonicalize
+from .raydata import POS, canonicalize, parquet_row_bytes
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
 from .seen import SeenRows
 from .sinks import TableSink, find_table
@@ -206,7 +206,8 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     ok = False
     try:
         ds = session.dataset_from_parquet(str(input_path))
-        for batch in session.run_pool(worker, ds, n_actors, extra, total_rows=total):
+        for batch in session.run_pool(worker, ds, n_actors, extra, total_rows=total,
+                                       row_bytes=parquet_row_bytes(input_path)):
             status = batch.column("status").to_pylist()
             reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
             if POS not in batch.column_names:

@@ -50,3 +50,20 @@ def test_row_group_chunks_cover_the_file_once_with_the_offset_of_each_first_row(
         assert part[0] == offset
         got += part
     assert got == list(range(10_000))  # every row in exactly one chunk, in order
+
+
+def test_read_ahead_is_sized_to_the_pool_unless_set(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from evoray.raydata import parquet_row_bytes, read_ahead_mb
+
+    assert read_ahead_mb(64, 4, 1024, 500) == 64                 # an explicit setting wins
+    assert read_ahead_mb(None, 4, 1024, 250) == 16               # 8 MB of blocks in flight: the floor
+    assert read_ahead_mb(None, 32, 1024, 500) == 125             # 2 x 32 actors x 4 tasks x 512 KB
+    assert read_ahead_mb(None, 512, 1024, 4000) == 256           # the ceiling
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"t": ["x" * 1000] * 2000}), path, row_group_size=500)
+    assert 1000 <= parquet_row_bytes(path) < 1100
+    pq.write_table(pa.table({"t": pa.array([], pa.string())}), path)
+    assert parquet_row_bytes(path) == 0
