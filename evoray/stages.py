@@ -53,6 +53,23 @@ def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | N
     return StageResult(stage, outdir, m.get("counts", {}), m.get("outputs", {}), skipped=True)
 
 
+def _begin(ctx: JobContext, stage: str, input_src: str | None, outdir: Path,
+           *fp_parts) -> tuple[Path, str, StageResult | None]:
+    """The common start of a stage: ``(input_path, fingerprint, done)``.
+
+    Ingests the input, fingerprints the stage from its name, the input's hash and ``fp_parts``;
+    ``done`` is the earlier result when the folder holds a finished run with that fingerprint,
+    otherwise None and the folder's marker is cleared for a new run.
+    """
+    outdir.mkdir(parents=True, exist_ok=True)
+    input_path = prepare_input(ctx.config, input_src, outdir)
+    fp = fingerprint(stage, _hash_file(input_path), *fp_parts)
+    done = _skip(ctx, stage, outdir, fp)
+    if done is None:
+        clear_marker(outdir)
+    return input_path, fp, done
+
+
 # ---- rate -----------------------------------------------------------------------------------------
 
 def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
@@ -130,13 +147,10 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     from .selection import BUCKETS, bucket_counts, random_positions
 
     cfg = ctx.config
-    outdir.mkdir(parents=True, exist_ok=True)
-    input_path = prepare_input(cfg, input_src, outdir)
-    fp = fingerprint("rate", _hash_file(input_path), cfg.rate.model_dump(), _providers_fp(cfg, "rater"),
-                     cfg.output.format)
-    if (r := _skip(ctx, "rate", outdir, fp)) is not None:
-        return r
-    clear_marker(outdir)
+    input_path, fp, done = _begin(ctx, "rate", input_src, outdir, cfg.rate.model_dump(), _providers_fp(cfg, "rater"),
+                                  cfg.output.format)
+    if done is not None:
+        return done
     fmt = cfg.output.format
     buckets = dict.fromkeys(BUCKETS, 0)
 
@@ -186,14 +200,11 @@ def resolve_method(spec: str | None, config: JobConfig):
 
 def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_spec: str | None = None) -> StageResult:
     cfg = ctx.config
-    outdir.mkdir(parents=True, exist_ok=True)
     method = resolve_method(method_spec, cfg)
-    input_path = prepare_input(cfg, input_src, outdir)
-    fp = fingerprint("evolve", _hash_file(input_path), method.id, cfg.evolve.model_dump(), _providers_fp(cfg, "evol"),
-                     cfg.output.format)
-    if (r := _skip(ctx, "evolve", outdir, fp)) is not None:
-        return r
-    clear_marker(outdir)
+    input_path, fp, done = _begin(ctx, "evolve", input_src, outdir, method.id, cfg.evolve.model_dump(),
+                                  _providers_fp(cfg, "evol"), cfg.output.format)
+    if done is not None:
+        return done
     (outdir / "method.txt").write_text(method.text)
     counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
                             cfg.ray.evolver_actors, extra={"method": method.to_dict()})
@@ -206,13 +217,10 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
 
 def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
     cfg = ctx.config
-    outdir.mkdir(parents=True, exist_ok=True)
-    input_path = prepare_input(cfg, input_src, outdir)
-    fp = fingerprint("answer", _hash_file(input_path), cfg.answer.model_dump(), _providers_fp(cfg, "answer"),
-                     cfg.output.format)
-    if (r := _skip(ctx, "answer", outdir, fp)) is not None:
-        return r
-    clear_marker(outdir)
+    input_path, fp, done = _begin(ctx, "answer", input_src, outdir, cfg.answer.model_dump(),
+                                  _providers_fp(cfg, "answer"), cfg.output.format)
+    if done is not None:
+        return done
     counts = run_pool_stage(ctx, "answer", "answer", input_path, outdir, {"answered": "answered", "failed": "failed"},
                             cfg.ray.evolver_actors)
     _check_accounted("answer", counts, ["answered", "failed"])
@@ -288,14 +296,11 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
     from .evolution.optimizer import Optimizer, write_outputs
 
     cfg = ctx.config
-    outdir.mkdir(parents=True, exist_ok=True)
-    input_path = prepare_input(cfg, input_src, outdir)
     initial = load_method(cfg.evolve.method)
-    fp = fingerprint("optimize", _hash_file(input_path), cfg.optimize.model_dump(), cfg.evolve.model_dump(), initial.id,
-                     _providers_fp(cfg, "evol"), _providers_fp(cfg, "optimizer"))
-    if (r := _skip(ctx, "optimize", outdir, fp)) is not None:
-        return r
-    clear_marker(outdir)
+    input_path, fp, done = _begin(ctx, "optimize", input_src, outdir, cfg.optimize.model_dump(), cfg.evolve.model_dump(),
+                                  initial.id, _providers_fp(cfg, "evol"), _providers_fp(cfg, "optimizer"))
+    if done is not None:
+        return done
     session = ctx.session()
     rows = _sample_rows(input_path, cfg.optimize.sample_size, cfg.optimize.seed)
     pool = CandidatePool(session, min(cfg.ray.candidate_actors, cfg.optimize.candidates + 1))
