@@ -56,8 +56,8 @@ def test_console_script_is_installed(tmp_path):
     assert r.returncode == 0 and "ingest" in r.stdout and "submit" in r.stdout
 
 
-def test_estimate_sends_nothing_and_exits_0(tmp_path, capsys):
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+def test_estimate_sends_nothing_and_exits_0(shared_data, tmp_path, capsys):
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # its input is under ../shared/data
     import os
 
     here = os.getcwd()
