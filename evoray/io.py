@@ -478,14 +478,16 @@ def _iter_array(path: Path) -> Iterator[_Item]:
         yield _Item("record", i, record=rec)
 
 
-def parquet_stream(path: str | os.PathLike) -> pq.ParquetFile:
+def parquet_stream(path: str | os.PathLike, buffer_size: int = 0) -> pq.ParquetFile:
     """A Parquet file opened for streaming with ``iter_batches``: without pre-buffering.
 
     ``pq.ParquetFile`` pre-buffers by default, and ``iter_batches`` over all row groups then reads
     every column chunk of the file ahead: iterating a 25 MiB file held 31 MiB of Arrow memory
     (6 MiB without), so a stage's selection pass grew the driver with the number of rows.
+    ``buffer_size`` > 0 reads column chunks through a buffer of that size instead of whole, for
+    reading only the first rows of a file that may be one huge row group.
     """
-    return pq.ParquetFile(path, pre_buffer=False)
+    return pq.ParquetFile(path, pre_buffer=False, buffer_size=buffer_size)
 
 
 def _iter_parquet(path: Path) -> Iterator[_Item]:

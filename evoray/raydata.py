@@ -128,8 +128,7 @@ def parquet_row_bytes(path: str | os.PathLike) -> int:
     blocks in the object store are Arrow, so this decodes the first rows (a buffered read: a file
     written as one huge row group is not read whole).
     """
-    f = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-    for batch in f.iter_batches(batch_size=1024):
+    for batch in io.parquet_stream(path, buffer_size=1 << 20).iter_batches(batch_size=1024):
         if batch.num_rows:
             return batch.nbytes // batch.num_rows
     return 0
