@@ -259,45 +259,100 @@ class JobConfig(Base):
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
             raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping of keys, got {type(data).__name__}")
-        return cls.from_dict(data, overrides=overrides, origin=str(path), text=text)
+        return cls.from_dict(data, overrides=overrides, origin=str(path), positions=yaml_positions(node))
 
     @classmethod
-    def from_dict(cls, data: dict, overrides: list[str] | None = None, origin: str = "<config>", text: str | None = None) -> "JobConfig":
+    def from_dict(cls, data: dict, overrides: list[str] | None = None, origin: str = "<config>",
+                  positions: "Positions | None" = None) -> "JobConfig":
         data = dict(data)
+        overridden: dict[tuple, str] = {}
         for ov in overrides or []:
-            apply_override(data, ov)
+            overridden[apply_override(data, ov)] = ov
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, origin, text)) from None
+            raise ConfigError(format_validation_error(e, origin, positions, overridden)) from None
 
 
-def _line_of(text: str | None, key: str) -> int | None:
-    if not text:
+class Positions:
+    """Where each key and value of a YAML document is: ``path -> (line, column)``, both 1-based.
+
+    A path is a tuple of mapping keys and list indexes, as pydantic's error ``loc`` spells it
+    (``("providers", 1, "rpm")``). Positions come from the YAML node marks, so two providers with
+    the same key are told apart, and a flow mapping (``{name: a, rpm: 5}``) gives the column too.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, tuple[int, int]] = {}
+        self.keys: dict[tuple, tuple[int, int]] = {}
+
+    def where(self, loc: tuple, key: bool = False) -> tuple[int, int] | None:
+        """The position of ``loc`` (its key when ``key``), else of its longest known prefix."""
+        table = self.keys if key else self.values
+        if loc in table:
+            return table[loc]
+        for n in range(len(loc) - 1, -1, -1):
+            if loc[:n] in self.values:
+                return self.values[loc[:n]]
         return None
-    for i, line in enumerate(text.splitlines(), 1):
-        s = line.strip().lstrip("- ").strip()
-        if s.startswith(f"{key}:") or s.startswith(f"{{{key}:") or f" {key}:" in line or f"{{{key}:" in line:
-            return i
-    return None
 
 
-def format_validation_error(e: ValidationError, origin: str, text: str | None = None) -> str:
+def yaml_positions(node) -> Positions:
+    """Collect the marks of a composed YAML node tree (``yaml.compose``) into :class:`Positions`."""
+    pos = Positions()
+
+    def mark(m) -> tuple[int, int]:
+        return (m.line + 1, m.column + 1)
+
+    def walk(n, path: tuple) -> None:
+        pos.values[path] = mark(n.start_mark)
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
+                pos.keys[path + (key,)] = mark(k.start_mark)
+                walk(v, path + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                pos.keys[path + (i,)] = mark(item.start_mark)
+                walk(item, path + (i,))
+
+    if node is not None:
+        walk(node, ())
+    return pos
+
+
+def format_validation_error(e: ValidationError, origin: str, positions: Positions | None = None,
+                            overridden: dict[tuple, str] | None = None) -> str:
+    """One line per problem: ``FILE:LINE:COLUMN: key 'a.b': what is wrong (got value)``.
+
+    The line and column are those of the offending value (of the key for an unknown key, of the
+    enclosing section for a missing one), read from the YAML node marks; a value set with
+    ``--set`` is named by its override instead.
+    """
     lines = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        last = str(err["loc"][-1]) if err["loc"] else ""
-        line = _line_of(text, last) if last and not last.isdigit() else None
-        where = f"{origin}:{line}" if line else origin
+        raw_loc = tuple(err["loc"])
+        # pydantic may add non-key parts (validator names) to a location: keep the config path
+        loc_t = tuple(x for x in raw_loc if isinstance(x, int) or (isinstance(x, str) and "[" not in x))
+        loc = ".".join(str(x) for x in loc_t)
+        where = origin
+        ov = next((o for p, o in (overridden or {}).items() if loc_t[:len(p)] == p and p), None)
+        if ov is not None:
+            where = f"--set {ov}"
+        elif positions is not None:
+            at = positions.where(loc_t, key=err["type"] == "extra_forbidden")
+            if at is not None:
+                where = f"{origin}:{at[0]}:{at[1]}"
         if err["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key '{loc}' (check the spelling; see the configuration reference in README.md)")
         elif err["type"] == "missing":
@@ -308,8 +363,9 @@ def format_validation_error(e: ValidationError, origin: str, text: str | None = 
     return "invalid config:\n  " + "\n  ".join(lines)
 
 
-def apply_override(data: dict, override: str) -> None:
-    """Apply ``key.path=value`` (value parsed as YAML) to a nested dict in place."""
+def apply_override(data: dict, override: str) -> tuple:
+    """Apply ``key.path=value`` (value parsed as YAML) to a nested dict in place; returns the path
+    as a location tuple (list indexes as ints), so errors can name the override."""
     if "=" not in override:
         raise ConfigError(f"--set {override!r}: expected key.path=value")
     path, _, raw = override.partition("=")
@@ -321,10 +377,12 @@ def apply_override(data: dict, override: str) -> None:
     except yaml.YAMLError:
         value = raw
     cur: Any = data
+    loc: list = []
     for i, k in enumerate(keys[:-1]):
         if isinstance(cur, list):
             try:
                 cur = cur[int(k)]
+                loc.append(int(k))
                 continue
             except (ValueError, IndexError):
                 raise ConfigError(f"--set {override!r}: '{'.'.join(keys[:i + 1])}' is not a valid list index") from None
@@ -333,11 +391,15 @@ def apply_override(data: dict, override: str) -> None:
             nxt = cur[k] = {}
         elif not isinstance(nxt, (dict, list)):
             raise ConfigError(f"--set {override!r}: '{'.'.join(keys[:i + 1])}' is not a section")
+        loc.append(k)
         cur = nxt
     if isinstance(cur, list):
         try:
             cur[int(keys[-1])] = value
         except (ValueError, IndexError):
             raise ConfigError(f"--set {override!r}: bad list index '{keys[-1]}'") from None
+        loc.append(int(keys[-1]))
     else:
         cur[keys[-1]] = value
+        loc.append(keys[-1])
+    return tuple(loc)

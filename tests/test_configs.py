@@ -28,7 +28,43 @@ def test_misspelt_key_is_named(tmp_path):
     with pytest.raises(ConfigError) as ei:
         JobConfig.from_yaml(p)
     msg = str(ei.value)
-    assert "rate.treshold" in msg and f"{p}:4" in msg
+    assert "rate.treshold" in msg and f"{p}:4:3" in msg  # line and column of the misspelt key
+
+
+def test_error_names_the_line_and_column_of_the_offending_value(tmp_path):
+    """Two providers with ``rpm:``; the bad value is on the second: the error names its own line
+    and column (read from the YAML node marks), not the first provider's."""
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "providers:\n"
+        "  - name: a\n"
+        "    kind: openai\n"
+        "    rpm: 600\n"
+        "  - {name: b, kind: openai, rpm: -5}\n"
+        "ray:\n"
+        "  rater_actors: 2\n"
+        "  evolver_actors: many\n")
+    with pytest.raises(ConfigError) as ei:
+        JobConfig.from_yaml(p)
+    msg = str(ei.value)
+    assert f"{p}:5:34: key 'providers.1.rpm'" in msg, msg
+    assert f"{p}:8:19: key 'ray.evolver_actors'" in msg, msg
+
+
+def test_error_from_an_override_names_the_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("providers:\n  - {name: a, kind: openai, rpm: 600}\n")
+    with pytest.raises(ConfigError) as ei:
+        JobConfig.from_yaml(p, overrides=["providers.0.rpm=-1"])
+    assert "--set providers.0.rpm=-1: key 'providers.0.rpm'" in str(ei.value)
+
+
+def test_invalid_yaml_names_line_and_column(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("providers:\n  - {name: a, kind: local\nrate: {threshold: 4}\n")
+    with pytest.raises(ConfigError) as ei:
+        JobConfig.from_yaml(p)
+    assert f"{p}:3:" in str(ei.value) and "invalid YAML" in str(ei.value)
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
