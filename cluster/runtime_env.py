@@ -23,8 +23,7 @@ every node already holds. Only the sealed blob is put in ``env_vars`` (as ``EVOR
 Ray logs and stores that blob, which is useless without the token. Inside the cluster the
 variables are opened into ``os.environ`` of each process that needs them, never onto disk:
 
-* the job driver by the entrypoint wrapper ``python -m cluster.runtime_env run config.yaml``
-  (:func:`main`), which unseals and then runs ``evoray run``;
+* the job driver by ``evoray`` itself (:func:`evoray.cli.main` opens them first thing);
 * every worker process of the job (pool actors on all nodes) by the runtime env's
   ``worker_process_setup_hook`` = ``cluster.runtime_env.unseal_environ``.
 
@@ -33,21 +32,21 @@ environment), so binding the key to the token exposes it to nobody new. A cluste
 authentication has no secret channel at all: ``--pass-env`` then refuses to send the key (set the
 key on the nodes instead, e.g. a Kubernetes Secret, see ``cluster/README.md``).
 
-Sealing is encrypt-then-MAC from the standard library: a random 16-byte salt; encryption and MAC
-keys derived with HMAC-SHA256 from the token and the salt; the plaintext XORed with an
-HMAC-SHA256 counter-mode key stream; a 32-byte HMAC-SHA256 tag over version, salt and ciphertext.
+Sealing is Fernet (AES-128-CBC with an HMAC-SHA256 tag, from the ``cryptography`` package) under
+a key derived with HKDF-SHA256 from the token and a random 16-byte salt that travels with the blob.
+
+Opening happens inside evoray's own entry point: ``evoray`` (:func:`evoray.cli.main`) opens
+``EVORAY_SEALED_ENV`` when it is set before it does anything else, and is a no-op otherwise, so
+the job's entrypoint is always plain ``evoray run config.yaml``.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +56,8 @@ import yaml
 
 SEALED_ENV_VAR = "EVORAY_SEALED_ENV"
 SETUP_HOOK = "cluster.runtime_env.unseal_environ"
-ENTRYPOINT_MODULE = "cluster.runtime_env"
 MASK = "***"
-_VERSION = b"evoray-seal-v1"
+_VERSION = b"evoray-seal-v2"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Ray uploads working_dir through the GCS, which refuses packages above about 500 MiB
 MAX_WORKING_DIR_BYTES = 400 * 1024 * 1024
@@ -116,18 +114,13 @@ def _cluster_token() -> str | None:
 # Sealing
 # ---------------------------------------------------------------------------------------------
 
-def _keys(token: str, salt: bytes) -> tuple[bytes, bytes]:
-    prk = hmac.new(token.encode("utf-8"), _VERSION + salt, hashlib.sha256).digest()
-    return (hmac.new(prk, b"enc", hashlib.sha256).digest(), hmac.new(prk, b"mac", hashlib.sha256).digest())
+def _fernet(token: str, salt: bytes):
+    from cryptography.fernet import Fernet
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-
-def _stream(key: bytes, salt: bytes, n: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hmac.new(key, salt + i.to_bytes(8, "big"), hashlib.sha256).digest()
-        i += 1
-    return bytes(out[:n])
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_VERSION).derive(token.encode("utf-8"))
+    return Fernet(base64.urlsafe_b64encode(key))
 
 
 def seal(values: dict[str, str], token: str) -> str:
@@ -135,31 +128,30 @@ def seal(values: dict[str, str], token: str) -> str:
     if not token:
         raise SealError("no Ray authentication token to seal with")
     salt = os.urandom(16)
-    enc, mac = _keys(token, salt)
-    plain = json.dumps(values, sort_keys=True).encode("utf-8")
-    ct = bytes(a ^ b for a, b in zip(plain, _stream(enc, salt, len(plain))))
-    tag = hmac.new(mac, _VERSION + salt + ct, hashlib.sha256).digest()
-    return "v1." + base64.urlsafe_b64encode(salt + ct + tag).decode("ascii")
+    blob = _fernet(token, salt).encrypt(json.dumps(values, sort_keys=True).encode("utf-8"))
+    return "v2." + base64.urlsafe_b64encode(salt).decode("ascii") + "." + blob.decode("ascii")
 
 
 def unseal(blob: str, token: str) -> dict[str, str]:
     """The values sealed in ``blob``; :class:`SealError` when the token is wrong or the blob damaged."""
+    from cryptography.fernet import InvalidToken
+
     if not token:
         raise SealError("no Ray authentication token on this node to open the passed variables with")
-    if not blob.startswith("v1."):
+    parts = blob.split(".")
+    if len(parts) != 3 or parts[0] != "v2":
         raise SealError("unknown sealed-variable format")
     try:
-        raw = base64.urlsafe_b64decode(blob[3:].encode("ascii"))
+        salt = base64.urlsafe_b64decode(parts[1].encode("ascii"))
     except Exception:
         raise SealError("damaged sealed variables (not base64)") from None
-    if len(raw) < 16 + 32:
-        raise SealError("damaged sealed variables (too short)")
-    salt, ct, tag = raw[:16], raw[16:-32], raw[-32:]
-    enc, mac = _keys(token, salt)
-    if not hmac.compare_digest(tag, hmac.new(mac, _VERSION + salt + ct, hashlib.sha256).digest()):
-        raise SealError("the passed variables were sealed with another Ray token than this node's "
-                        "(submit with the cluster's token: RAY_AUTH_TOKEN or ~/.ray/auth_token)")
-    plain = bytes(a ^ b for a, b in zip(ct, _stream(enc, salt, len(ct))))
+    if len(salt) != 16:
+        raise SealError("damaged sealed variables (bad salt)")
+    try:
+        plain = _fernet(token, salt).decrypt(parts[2].encode("ascii"))
+    except InvalidToken:
+        raise SealError("the passed variables were sealed with another Ray token than this node's, or damaged "
+                        "(submit with the cluster's token: RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
     data = json.loads(plain.decode("utf-8"))
     if not isinstance(data, dict):
         raise SealError("damaged sealed variables")
@@ -375,11 +367,10 @@ def build_job(config_path: str | Path, overrides: list[str] | None = None, outpu
                               f"{' '.join('--pass-env ' + n for n in missing)} unless the cluster's nodes set it")
 
         env_vars = {"PYTHONUNBUFFERED": "1"}
-        argv = ["evoray", "run", "config.yaml"]
+        argv = ["evoray", "run", "config.yaml"]  # evoray opens sealed variables itself (evoray.cli.main)
         if values:
             env_vars[SEALED_ENV_VAR] = seal(values, token or "")
             spec.runtime_env["worker_process_setup_hook"] = SETUP_HOOK
-            argv = ["python", "-m", ENTRYPOINT_MODULE, "run", "config.yaml"]
         spec.runtime_env["working_dir"] = str(workdir)
         spec.runtime_env["env_vars"] = env_vars
         spec.entrypoint = shell_join(argv)
@@ -388,20 +379,3 @@ def build_job(config_path: str | Path, overrides: list[str] | None = None, outpu
     except BaseException:
         spec.cleanup()
         raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The job's entrypoint when keys were passed: open them into this process, then run ``evoray``."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        unseal_environ()
-    except SealError as e:
-        print(f"evoray: error: cannot open the variables passed with --pass-env: {e}", file=sys.stderr)
-        return 2
-    from evoray.cli import main as evoray_main
-
-    return evoray_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -87,7 +87,24 @@ def _setup_logging(quiet: bool) -> None:
     install_log_redaction()
 
 
+def _open_sealed_environ() -> int | None:
+    """A job submitted with ``--pass-env`` carries its keys sealed (``cluster.runtime_env``): open
+    them into this process before anything else. A no-op when nothing was sealed."""
+    if not os.environ.get("EVORAY_SEALED_ENV"):
+        return None
+    from cluster.runtime_env import SealError, unseal_environ
+
+    try:
+        unseal_environ()
+    except SealError as e:
+        print(f"evoray: error: cannot open the variables passed with --pass-env: {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    if (code := _open_sealed_environ()) is not None:
+        return code
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
     try:

@@ -274,6 +274,23 @@ def test_unseal_environ_opens_into_this_process(monkeypatch):
     assert os.environ["OPENAI_API_KEY"] == FAKE_KEY
 
 
+def test_evoray_entry_point_opens_sealed_variables(monkeypatch, capsys):
+    """The job's entrypoint is plain ``evoray run``: evoray opens the sealed variables first thing
+    (exit 2, naming no value, when it cannot)."""
+    from cluster.runtime_env import SEALED_ENV_VAR, seal
+    from evoray.cli import main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setattr("cluster.runtime_env._cluster_token", lambda: "tok-123")
+    monkeypatch.setenv(SEALED_ENV_VAR, seal({"OPENAI_API_KEY": FAKE_KEY}, "another-token"))
+    assert main(["config-reference"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the variables passed with --pass-env" in err and FAKE_KEY not in err
+    monkeypatch.setenv(SEALED_ENV_VAR, seal({"OPENAI_API_KEY": FAKE_KEY}, "tok-123"))
+    assert main(["config-reference"]) == 0
+    assert os.environ["OPENAI_API_KEY"] == FAKE_KEY
+
+
 def test_build_job_ships_named_files_and_masks_keys(tmp_path, monkeypatch):
     from cluster.runtime_env import SEALED_ENV_VAR, build_job, unseal
 
@@ -302,7 +319,7 @@ def test_build_job_ships_named_files_and_masks_keys(tmp_path, monkeypatch):
         assert (spec.workdir / shipped["evolve"]["method"]).is_file()
         assert shipped["judge"]["answers_a"] == "/cluster/only/a.jsonl"  # not local: left for the cluster
         assert shipped["rate"]["threshold"] == 4.0 and shipped["output"]["dir"] == "/abs/out"
-        assert spec.entrypoint == "python -m cluster.runtime_env run config.yaml"
+        assert spec.entrypoint == "evoray run config.yaml"  # evoray opens the sealed variables itself
         assert spec.runtime_env["worker_process_setup_hook"] == "cluster.runtime_env.unseal_environ"
         assert unseal(spec.runtime_env["env_vars"][SEALED_ENV_VAR], "tok") == env
         text = spec.describe()
