@@ -274,7 +274,11 @@ async def test_retry_after_is_honoured_exactly(server, kind):
 def test_retry_after_header_parsing():
     assert retry_after_from_headers({"retry-after": "7"}) == 7.0
     assert retry_after_from_headers({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
-    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    # an HTTP-date (RFC 9110): seconds from now; a date in the past means "now"
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:30 GMT"}, now=now) == 30.0
+    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=now + 60) == 0.0
+    assert retry_after_from_headers({"retry-after": "soon"}) is None
     assert retry_after_from_headers({}) is None and retry_after_from_headers(None) is None
 
 
