@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+import warnings
 
 import ray
 
@@ -72,8 +73,9 @@ class KeyGateActor:
     """The limit of one API key for every job on the cluster (detached, named, restartable)."""
 
     def __init__(self, label: str, idle_exit_s: float = IDLE_EXIT_S):
-        ctx = ray.get_runtime_context()
-        self.restarted = bool(ctx.was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray's own property warns about an API it calls inside
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self.gate = KeyGate(label, restarted=self.restarted)
         self.idle_exit_s = idle_exit_s
         self._watch: asyncio.Task | None = None
@@ -89,7 +91,9 @@ class KeyGateActor:
             await asyncio.sleep(step)
             if self.gate.idle_for() >= self.idle_exit_s:
                 log.info("key gate %s: idle for %.0f s, exiting", self.gate.label, self.gate.idle_for())
-                ray.actor.exit_actor()
+                # an intentional exit (queued like a call), so Ray does not restart it
+                ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+                return
 
     async def lease(self, client_id: str, owner: str, spec: tuple, want: int, ests: list[int], reports: dict | None,
                     batching: bool = True, watch: int | None = None) -> dict:

@@ -596,9 +596,11 @@ class KeyGate:
 
     def idle_for(self, now: float | None = None) -> float:
         now = self.now() if now is None else now
+        if self.last_activity is None:
+            self.last_activity = now  # idle since it was first asked
         if self.parked:
             return 0.0
-        return now - (self.last_activity if self.last_activity is not None else now)
+        return now - self.last_activity
 
     def status(self) -> dict[str, Any]:
         now = self.now()
