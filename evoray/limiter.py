@@ -71,6 +71,8 @@ CLIENT_TTL_S = 2 * LEASE_HORIZON_S
 JOB_TTL_S = 30.0
 #: a permit may be used this much after its time; later it is dropped (late use would bunch)
 LATE_TOLERANCE_S = 0.005
+#: permit lateness / wait samples a client sends with one report (the gate keeps the latest 50,000)
+SAMPLES_PER_REPORT = 256
 #: multiplicative decrease on a 429, the lowest factor, and the restart factor
 DECREASE = 0.75
 GENTLE_DECREASE = 0.95  # a 429 again near the factor of the last one
@@ -392,6 +394,13 @@ class _Client:
         self.permits = 0
 
 
+def _pct(xs, q: float) -> float:
+    if not xs:
+        return 0.0
+    v = sorted(xs)
+    return v[min(len(v) - 1, int(len(v) * q))]
+
+
 class KeyGate:
     """Grants leases of permits for one key to many clients (see the module docstring).
 
@@ -414,7 +423,10 @@ class KeyGate:
         self.last_activity: float | None = None
         self._expired = -math.inf
         self.parked = 0
-        self.leases = 0
+        self.late: deque[float] = deque(maxlen=50_000)  # sampled permit lateness reported by clients
+        self.waits: deque[float] = deque(maxlen=50_000)  # sampled waits for a permit
+        self.leases = 0  # lease calls that asked for permits
+        self.watches = 0  # calls that only watched for a revocation
         self.reports = 0
         self.permits = 0
 
@@ -518,7 +530,10 @@ class KeyGate:
         self.register(owner, spec, now)
         if reports:
             self.apply_reports(reports, now)
-        self.leases += 1
+        if want > 0:
+            self.leases += 1
+        else:
+            self.watches += 1
         cl = self.clients.get(client_id)
         if cl is None:
             cl = self.clients[client_id] = _Client(now)
@@ -585,6 +600,9 @@ class KeyGate:
         if r.get("ok"):
             lim.on_success(now, r["ok"])
             changed = True
+        if r.get("late"):
+            self.late.extend(r["late"])
+            self.waits.extend(r.get("waits", ()))
         lims = r.get("limits")
         if lims:
             info, age = lims
@@ -609,8 +627,12 @@ class KeyGate:
             "label": self.label, "restarted": self.restarted, "epoch": self.epoch,
             "jobs": {o: {"rpm": s.rpm, "tpm": s.tpm, "window_s": s.window_s, "margin": s.margin}
                      for o, (s, _) in self.jobs.items()},
-            "clients": active, "leases": self.leases, "permits": self.permits, "reports": self.reports,
+            "clients": active, "leases": self.leases, "watches": self.watches, "permits": self.permits,
+            "reports": self.reports,
             "parked": self.parked, "paused_for": max(0.0, self.limiter.paused_until - now) if self.limiter else 0.0,
+            "late_p50_ms": _pct(self.late, 0.5) * 1000, "late_p99_ms": _pct(self.late, 0.99) * 1000,
+            "wait_p50_ms": _pct(self.waits, 0.5) * 1000, "wait_p99_ms": _pct(self.waits, 0.99) * 1000,
+            "samples": len(self.late),
             **(self.limiter.status() if self.limiter else {}),
         }
 
@@ -684,6 +706,8 @@ class PermitPool:
         self._ok = 0
         self._corrections: list[tuple[int, int]] = []
         self._limits: tuple[dict, float] | None = None
+        self._late: list[float] = []  # how late requests started behind their permits (sampled)
+        self._waits: list[float] = []  # how long requests waited for a permit (sampled)
         # counters (what B4/B7 report)
         self.lease_calls = 0
         self.watch_calls = 0
@@ -726,10 +750,14 @@ class PermitPool:
                 continue
             ok = await self._sleep_until(t, pid, gen)
             if ok and gen == self._gen:
+                now = self._now()
                 self.taken += 1
-                self.waited_s.append(self._now() - t_ask)
+                self.waited_s.append(now - t_ask)
                 if len(self.waited_s) > 4096:
                     del self.waited_s[:2048]
+                if len(self._late) < SAMPLES_PER_REPORT:
+                    self._late.append(max(0.0, now - t))
+                    self._waits.append(now - t_ask)
                 return pid
 
     def _pop_free(self) -> tuple[float, int, int] | None:
@@ -866,7 +894,7 @@ class PermitPool:
             self._corrections.append((pid, used_tokens))
 
     def _take_reports(self) -> dict | None:
-        if not (self._ok or self._corrections or self._limits):
+        if not (self._ok or self._corrections or self._limits or self._late):
             return None
         now = self._now()
         r: dict[str, Any] = {}
@@ -877,6 +905,9 @@ class PermitPool:
         if self._limits:
             info, seen = self._limits
             r["limits"] = (info, max(0.0, now - seen))
+        if self._late:
+            r["late"], r["waits"] = self._late, self._waits
+            self._late, self._waits = [], []
         self._ok, self._corrections, self._limits = 0, [], None
         return r
 

@@ -527,6 +527,7 @@ class _Stats:
         self.first_request_t: float | None = None
         self.last_request_t: float | None = None
         self.times: deque[float] = deque(maxlen=MAX_TIMES)  # wall-clock times of the latest requests
+        self.admitted_times: deque[float] = deque(maxlen=MAX_TIMES)  # ... of those the limits admitted
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -552,6 +553,7 @@ class _Stats:
             "first_request_t": self.first_request_t,
             "last_request_t": self.last_request_t,
             "times": list(self.times),
+            "admitted_times": list(self.admitted_times),
             "times_dropped": max(0, self.counts["requests"] - len(self.times)),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
@@ -993,6 +995,7 @@ class FakeLLMServer:
             else:
                 for b, c in buckets:
                     b.take(c, now)
+                self._stats.admitted_times.append(time.time())
                 scripted_fault = head if isinstance(head, Fault) else None
                 outcome, status, latency = self._draw(cfg, scripted_fault)
                 if head is not None and (scripted_fault is not None or outcome == "ok"):
