@@ -162,7 +162,8 @@ class WindowLimiter:
         self.spec = spec
         self.header_rpm: float | None = None  # limits announced by the provider (lower the ceiling)
         self.header_tpm: float | None = None
-        self.factor = factor
+        self._factor = factor
+        self._recompute()
         self.mark: float | None = 1.0 if factor < 1.0 else None  # factor of the last 429 (or 1 after a restart)
         self.probe = 0.02  # factor per second gained above the mark
         self.tat = quiet_until  # theoretical arrival time of the next request (GCRA, no burst)
@@ -184,6 +185,23 @@ class WindowLimiter:
 
     # ---- the current limits ------------------------------------------------------------------
     @property
+    def factor(self) -> float:
+        return self._factor
+
+    @factor.setter
+    def factor(self, value: float) -> None:
+        self._factor = value
+        self._recompute()
+
+    def _recompute(self) -> None:
+        """Cache the current rates and spacing (read on every grant, changed only by feedback)."""
+        c = self.ceiling_rpm
+        self._rr = None if c is None else c * self._factor
+        ct = self.ceiling_tpm
+        self._rt = None if ct is None else ct * self._factor
+        self._s = 0.0 if self._rr is None else spacing_for(self._rr / 60.0, self.spec.window_s, self.spec.margin)
+
+    @property
     def ceiling_rpm(self) -> float | None:
         vals = [v for v in (self.spec.rpm, self.header_rpm) if v]
         return min(vals) if vals and self.spec.rpm else None
@@ -194,16 +212,13 @@ class WindowLimiter:
         return min(vals) if vals and self.spec.tpm else None
 
     def rate_rpm(self) -> float | None:
-        c = self.ceiling_rpm
-        return None if c is None else c * self.factor
+        return self._rr
 
     def rate_tpm(self) -> float | None:
-        c = self.ceiling_tpm
-        return None if c is None else c * self.factor
+        return self._rt
 
     def spacing(self) -> float:
-        r = self.rate_rpm()
-        return 0.0 if r is None else spacing_for(r / 60.0, self.spec.window_s, self.spec.margin)
+        return self._s
 
     def requests_per_s(self, typical_tokens: float = 1000.0) -> float:
         """Grants per second at the current rate (for lease sizing); tpm-only keys estimate it."""
@@ -217,12 +232,13 @@ class WindowLimiter:
 
     def set_spec(self, spec: LimitSpec) -> None:
         self.spec = spec
+        self._recompute()
 
     # ---- granting --------------------------------------------------------------------------------
     def peek(self, now: float, est: int = 0) -> float:
         """The earliest time (>= now) a request of ``est`` tokens may be sent."""
         t = max(now, self.tat, self.paused_until, self.last_grant)
-        rt = self.rate_tpm()
+        rt = self._rt
         if rt is not None:
             t = max(t, self._token_window_time(t, est, rt))
         return t
@@ -246,12 +262,10 @@ class WindowLimiter:
 
     def commit(self, t: float, est: int = 0) -> int:
         """Record a grant at ``t`` (from :meth:`peek`) and return its permit id."""
-        s = self.spacing()
-        if self.rate_rpm() is not None:
-            self.tat = t + s
+        if self._rr is not None:
+            self.tat = t + self._s
         tok = None
-        rt = self.rate_tpm()
-        if rt is not None:
+        if self._rt is not None:
             tok = [t, float(est)]
             self.tokens.append(tok)
             w = self.spec.window_s / (1.0 - self.spec.margin)
@@ -354,11 +368,13 @@ class WindowLimiter:
         if lr and lr > 0 and (self.header_rpm is None or lr != self.header_rpm):
             before = self.rate_rpm()
             self.header_rpm = float(lr)
+            self._recompute()
             after = self.rate_rpm()
             dropped |= before is not None and after is not None and after < before
         if lt and lt > 0 and (self.header_tpm is None or lt != self.header_tpm):
             before = self.rate_tpm()
             self.header_tpm = float(lt)
+            self._recompute()
             after = self.rate_tpm()
             dropped |= before is not None and after is not None and after < before
         for dim in ("requests", "tokens"):

@@ -8,6 +8,7 @@ is a property of the schedule, checked on the fake clock in test_limiter.py.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -123,6 +124,8 @@ def test_two_jobs_on_one_key_share_one_gate_and_the_lower_limit(ray_session, fak
             st = sessions[0].key_gate_status()["fake"]
             assert len(st["jobs"]) == 2 and st["rpm"] == 600  # the lower one wins
             assert st["label"].startswith("openai @ http://127.0.0.1")
+            assert fake_key not in json.dumps(st) and fake_key not in gate_actor_name(
+                key_identity("openai", srv.openai_base_url, fake_key))  # the gate never sees the key
             refs = [_send.remote(s._config_json, s.job_id, n_each, tag) for s, tag in zip(sessions, "ab")]
             outs = ray.get(refs)
             ledgers = [s.ledger() for s in sessions]
