@@ -78,6 +78,7 @@ class KeyGateActor:
             self.restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
         self.gate = KeyGate(label, restarted=self.restarted)
         self.idle_exit_s = idle_exit_s
+        self.node = ray.get_runtime_context().get_node_id()
         self._watch: asyncio.Task | None = None
         self._cpu0 = time.process_time()
 
@@ -98,7 +99,11 @@ class KeyGateActor:
     async def lease(self, client_id: str, owner: str, spec: tuple, want: int, ests: list[int], reports: dict | None,
                     batching: bool = True, watch: int | None = None) -> dict:
         self._watching()
-        return await self.gate.lease(client_id, owner, spec, want, ests, reports, batching, watch)
+        reply = await self.gate.lease(client_id, owner, spec, want, ests, reports, batching, watch)
+        # when the reply was made, by the wall clock of this node: a client on the same node takes
+        # the reply's time in transit out of the permits' delays (see RayKeyLink.lease)
+        reply["wall"], reply["node"] = time.time(), self.node
+        return reply
 
     async def report(self, client_id: str, owner: str, reports: dict) -> None:
         self._watching()
@@ -144,6 +149,7 @@ class RayKeyLink:
         self.handle = None
         self.reconnects = 0
         self._errors = _actor_errors()
+        self.node = ray.get_runtime_context().get_node_id()
 
     def _get(self):
         if self.handle is None:
@@ -154,7 +160,7 @@ class RayKeyLink:
         delay = 0.1
         while True:
             try:
-                return await self._get().lease.remote(client_id, owner, spec, want, ests, reports, batching, watch)
+                reply = await self._get().lease.remote(client_id, owner, spec, want, ests, reports, batching, watch)
             except self._errors as e:
                 # the gate died (or is restarting): find or create it again and ask again; the
                 # reports of this call are lost, which only delays what the gate learns
@@ -165,6 +171,14 @@ class RayKeyLink:
                             identity_label(self.identity), type(e).__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(self.max_backoff_s, delay * 2)
+                continue
+            if reply.get("node") == self.node and reply.get("permits"):
+                # same node, same wall clock: measure each permit from when the gate made the reply, so
+                # the reply's varying time in transit does not shift this actor's permits against the
+                # other actors' (across nodes the delays stand as sent: clocks may disagree)
+                transit = max(0.0, time.time() - reply["wall"])
+                reply["permits"] = [(pid, d - transit) for pid, d in reply["permits"]]
+            return reply
 
     def report(self, client_id, owner, reports):
         try:
