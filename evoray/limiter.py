@@ -20,13 +20,15 @@ Three layers, all Ray-free (the Ray actor in :mod:`actors.gate` is a thin wrappe
   charged the caller's estimate (prompt + max_tokens) and corrected when the real usage is
   reported.
 
-  The rate adapts (AIMD on one factor ``f`` that scales both limits): a 429 on a permit granted
-  after the last decrease multiplies ``f`` by 0.75 and pauses the key for ``Retry-After``
-  (default one window); successes bring ``f`` back, quickly up to the factor at which the last 429
-  happened, then slowly beyond it (each repeated 429 near the same factor halves the probing
-  speed), up to the configured limit. Rate-limit headers lower the ceiling
-  (``x-ratelimit-limit-*`` / ``anthropic-ratelimit-*-limit``: the limit the provider announces)
-  and pause the key when ``remaining`` is 0 until ``reset``.
+  The rate adapts (AIMD on one factor ``f`` that scales both limits): every 429 pauses the key for
+  its ``Retry-After`` (default one window); a 429 on a permit granted after the last decrease also
+  reads the limit off the refusal (one fewer than the grants in the window that ended with the
+  refused one), sets ``f`` a quarter below that (5 % when it is the same limit again), recovers to
+  it quickly on successes and then probes beyond it slowly (the probe halves each time a 429
+  confirms the same limit), up to the configured limit. Rate-limit headers lower the ceiling
+  (``x-ratelimit-limit-*`` / ``anthropic-ratelimit-*-limit``: the limit the provider announces,
+  never above the configured one); ``remaining`` 0 pauses the key for one request's (or one
+  typical request's tokens') share of ``reset``, the time the provider needs to refill that much.
 
 * :class:`KeyGate` (asyncio) serves one key to many clients. It keeps the :class:`WindowLimiter`
   and hands out **leases**: small batches of permits (request times, sent as delays from now)
@@ -377,12 +379,21 @@ class WindowLimiter:
             self._recompute()
             after = self.rate_tpm()
             dropped |= before is not None and after is not None and after < before
-        for dim in ("requests", "tokens"):
+        # nothing left: wait for one request's worth to come back, assuming the provider refills
+        # evenly (both APIs' "reset" is when the limit is whole again, not when the next one fits)
+        for dim, limited, header, own in (("requests", self.spec.rpm, lr, self.ceiling_rpm),
+                                          ("tokens", self.spec.tpm, lt, self.ceiling_tpm)):
             remaining, reset = info.get(f"remaining_{dim}"), info.get(f"reset_{dim}_s")
-            limited = self.spec.rpm if dim == "requests" else self.spec.tpm
-            if limited and remaining is not None and remaining <= 0 and reset:
-                self.pause(when + reset)
+            if not limited or remaining is None or remaining > 0 or not reset:
+                continue
+            whole = header or own or 1.0
+            need = 1.0 if dim == "requests" else self._typical_tokens()
+            self.pause(when + reset * min(1.0, need / whole))
         return dropped
+
+    def _typical_tokens(self) -> float:
+        recent = list(itertools.islice(reversed(self.tokens), 32))
+        return sum(e[1] for e in recent) / len(recent) if recent else 1000.0
 
     def status(self) -> dict[str, Any]:
         return {

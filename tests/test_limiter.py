@@ -350,15 +350,29 @@ def test_a_limit_header_lowers_the_ceiling_at_once():
     assert len(late) / 30 >= 0.97 * 15
 
 
-def test_remaining_zero_pauses_until_reset():
+def test_remaining_zero_pauses_for_one_requests_refill():
     lim = WindowLimiter(LimitSpec(rpm=600))
-    lim.observe(10.0, {"remaining_requests": 0, "reset_requests_s": 4.0})
-    assert lim.peek(10.0) >= 14.0
-    lim.observe(20.0, {"remaining_requests": 5, "reset_requests_s": 4.0})
-    assert lim.peek(20.0) == 20.0
+    # 10 a minute announced, none left, whole again in 30 s: one comes back every 3 s
+    lim.observe(10.0, {"limit_requests": 10, "remaining_requests": 0, "reset_requests_s": 30.0})
+    assert 13.0 <= lim.peek(10.0) <= 13.1
+    lim2 = WindowLimiter(LimitSpec(rpm=600))
+    lim2.observe(20.0, {"remaining_requests": 5, "reset_requests_s": 4.0})
+    assert lim2.peek(20.0) == 20.0
     # a header can lower the configured limit, never raise it
-    lim.observe(21.0, {"limit_requests": 5000})
-    assert lim.rate_rpm() == 600
+    lim2.observe(21.0, {"limit_requests": 5000})
+    assert lim2.rate_rpm() == 600
+
+
+def test_remaining_zero_at_full_use_does_not_stall_a_strict_window():
+    """At 98 % of a strict window the provider often has nothing left for an instant; its reset
+    (when the window is empty again, up to a second) must not pause the key for that long."""
+    gate = KeyGate("k")
+    headers = {"limit_requests": 1200.0, "remaining_requests": 0.0, "reset_requests_s": 0.95}
+    sent, rejected, _ = run_clients(gate, [("j/p", LimitSpec(rpm=1200))] * 4, 150, headers=headers,
+                                    server=StrictWindowModel(1200))
+    assert rejected == []
+    rate = (len(sent) - 1) / (max(sent) - min(sent))
+    assert rate >= 0.95 * 19.6
 
 
 def test_repeated_429s_at_the_same_level_probe_ever_more_slowly():
