@@ -567,8 +567,10 @@ class KeyGate:
         ests = list(ests or [])
         lim = self.limiter
         assert lim is not None
-        if want <= 0 and watch is not None and watch == self.epoch:
-            await self._park(now + self.horizon)
+        if want <= 0 and watch is not None:
+            deadline = now + self.horizon
+            while watch == self.epoch and self.now() < deadline:
+                await self._park(deadline)
         typical = (sum(ests) / len(ests)) if ests else 1000.0
         while want > 0:
             now = self.now()
@@ -617,16 +619,14 @@ class KeyGate:
         if lim is None:
             return
         self.reports += 1
-        changed = False
+        before = (lim.factor, lim.paused_until, lim.rate_rpm(), lim.rate_tpm())
         for pid, used in r.get("corrections", ()):
             lim.correct(pid, used)
         for pid, retry_after, age in r.get("rate_limited", ()):
             if lim.on_429(now - age, pid, retry_after):
                 self._revoke()
-            changed = True
         if r.get("ok"):
             lim.on_success(now, r["ok"])
-            changed = True
         if r.get("late"):
             self.late.extend(r["late"])
             self.waits.extend(r.get("waits", ()))
@@ -635,9 +635,8 @@ class KeyGate:
             info, age = lims
             if lim.observe(now - age, info):
                 self._revoke()
-            changed = True
-        if changed:
-            self._notify()
+        if (lim.factor, lim.paused_until, lim.rate_rpm(), lim.rate_tpm()) != before or r.get("corrections"):
+            self._notify()  # parked lease calls look again (a rate, a pause or the token window moved)
 
     def idle_for(self, now: float | None = None) -> float:
         now = self.now() if now is None else now
