@@ -285,6 +285,16 @@ class WindowLimiter:
             self._prune(t)
         return pid
 
+    def drop_future(self, now: float) -> None:
+        """Forget grants not yet due (their permits were revoked): the schedule continues from the
+        last grant already due, not after permits nobody will use."""
+        while self.recent and self.recent[-1] > now:
+            self.recent.pop()
+        while self.tokens and self.tokens[-1][0] > now:
+            self.tokens.pop()
+        self.last_grant = self.recent[-1] if self.recent else -math.inf
+        self.tat = min(self.tat, self.last_grant + self._s) if self.recent else min(self.tat, now)
+
     def _prune(self, now: float) -> None:
         old = now - 120.0
         for pid in [p for p, g in self.grants.items() if g.t < old]:
@@ -523,6 +533,10 @@ class KeyGate:
         self.epoch += 1
         for c in self.clients.values():
             c.held.clear()
+        if self.limiter is not None:
+            # every client drops the permits it holds at once (parked calls return now), so the
+            # schedule goes on from the last permit already due
+            self.limiter.drop_future(self.now())
         self._notify()
 
     async def _park(self, until: float) -> None:
