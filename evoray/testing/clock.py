@@ -32,6 +32,12 @@ def run_virtual(coro):
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)
     finally:
+        # like asyncio.run: cancel what is still pending (parked lease calls, watches) and let it finish
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         asyncio.set_event_loop(None)
         loop.close()
 
