@@ -8,7 +8,8 @@ rows of all of them run concurrently on the actor's event loop, bounded by ``act
 The work itself is plain core code (``evoray.rating.Rater``, ``evoray.evolution.evolver.Evolver``,
 ``evoray.judge.Judge`` …) chosen by stage name through :data:`STAGE_WORKERS`; the UDF only builds
 clients inside the actor (configs cross Ray, live clients never do), turns batches into row dicts
-and back, and ships the ledger to the job's gate.
+and back, and ships the ledger to the job's gate. Rate-limit permits come from the key gates
+(``actors.gate``), leased to each actor in small batches.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ def replica_name(job_id: str, provider: str, i: int) -> str:
 
 
 def worker_context(config_json: str, job_id: str, roles: list[str]):
-    """Inside an actor: the clients for these roles, wired to the job's gate and local replicas."""
+    """Inside an actor: the clients for these roles, wired to the job's gate, the key gates of its
+    rate-limited providers (found by name, shared with other jobs) and the local replicas."""
     import ray
 
-    from actors.gate import RayGate
+    from actors.gate import ray_client_gate
     from evoray.runtime import build_clients
 
     config = JobConfig.model_validate_json(config_json)
-    gate = RayGate(ray.get_actor(gate_name(job_id)))
+    gate = ray_client_gate(config, ray.get_actor(gate_name(job_id)), job_id)
     replicas = {
         p.name: [ray.get_actor(replica_name(job_id, p.name, i)) for i in range(p.replicas)]
         for p in config.providers

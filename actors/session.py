@@ -4,7 +4,9 @@
 
 * connects to ``address`` (``--address``, ``ray.address`` or ``RAY_ADDRESS``) or starts a local
   Ray for the job (``ray.num_cpus`` CPUs); an already initialised Ray (tests) is reused;
-* creates the job's named :class:`actors.gate.GateActor` (rate limits, failover, ledger, budget);
+* creates the job's named :class:`actors.gate.GateActor` (ledger, budget, failover, concurrency)
+  and finds or creates the detached :class:`actors.gate.KeyGateActor` of each rate-limited key
+  (shared with every other job on the cluster), registering the job's limits there;
 * starts the local-model replicas that the job's roles need (whole CPUs each);
 * ``run_pool(stage, rows_ds, n_actors)`` streams a Dataset through a pool of
   :class:`actors.pools.StageUDF` actors and yields result batches as they finish.
@@ -77,14 +79,25 @@ class RaySession:
                  job_id: str | None = None):
         import ray
 
-        from actors.gate import GateActor
+        from actors.gate import GateActor, key_gate
         from actors.pools import gate_name
+        from evoray.gate import limited, provider_identity
+        from evoray.limiter import LimitSpec
 
         self.config = config
         init_ray(resolve_address(address, config), local_num_cpus(config), config.ray.object_store_mb)
         self.job_id = job_id or uuid.uuid4().hex[:12]
         providers = [p.model_dump(mode="json") for p in config.providers]
-        self.gate = GateActor.options(name=gate_name(self.job_id), lifetime=None).remote(providers, config.budget_usd)
+        self.gate = GateActor.options(name=gate_name(self.job_id), lifetime=None).remote(
+            providers, config.budget_usd, self.job_id)
+        # the key gates: found by name when another job made them, made (detached) otherwise
+        self.key_gates: dict[str, object] = {}
+        regs = []
+        for p in config.providers:
+            if limited(p):
+                h = self.key_gates[p.name] = key_gate(provider_identity(p, self.job_id))
+                regs.append(h.register.remote(f"{self.job_id}/{p.name}", LimitSpec.of(p).to_tuple()))
+        ray.get(regs)
         self.replicas: dict[str, list] = {}
         self._start_replicas(roles)
         self._config_json = config.model_dump_json()
@@ -166,6 +179,13 @@ class RaySession:
 
         return ray.get(self.gate.status.remote())
 
+    def key_gate_status(self) -> dict[str, dict]:
+        """Each rate-limited provider's key gate: rate, factor, 429s, leases, clients, CPU."""
+        import ray
+
+        names = list(self.key_gates)
+        return dict(zip(names, ray.get([self.key_gates[n].status.remote() for n in names])))
+
     def close(self) -> None:
         import ray
 
@@ -179,6 +199,13 @@ class RaySession:
             ray.kill(self.gate)
         except Exception:
             pass
+        # the key gates stay (other jobs may use them; idle ones exit by themselves): only this
+        # job's registration goes, so its limits no longer count
+        for name, h in self.key_gates.items():
+            try:
+                h.forget.remote(f"{self.job_id}/{name}")
+            except Exception:
+                pass
 
 
 def limit_read_ahead(mb: int) -> None:

@@ -42,6 +42,19 @@ def repeats() -> int:
     return max(1, REPEATS)
 
 
+def repeats_or(n_full: int) -> int:
+    """Repetitions of a long benchmark: ``BENCH_REPEATS`` when set, 1 when quick, else ``n_full``."""
+    if os.environ.get("BENCH_REPEATS"):
+        return repeats()
+    return 1 if QUICK else max(1, n_full)
+
+
+def size(name: str, full: int, quick: int) -> int:
+    """A benchmark size: ``BENCH_<NAME>`` when set, else ``quick`` (BENCH_QUICK=1) or ``full``."""
+    v = os.environ.get(f"BENCH_{name.upper()}")
+    return int(v) if v else (quick if QUICK else full)
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -176,6 +189,23 @@ def _serve(config_json: str) -> None:
             print("ok", flush=True)
 
 
+def admitted_rate(stats: dict, last_s: float | None = None) -> float:
+    """Admitted requests per second from the first to the last one (or over the last ``last_s``
+    seconds of the run), from the server's own arrival times."""
+    ts = sorted(stats.get("admitted_times") or [])
+    if last_s is not None and ts:
+        ts = [t for t in ts if t >= ts[-1] - last_s]
+    if len(ts) < 2 or ts[-1] <= ts[0]:
+        return float("nan")
+    return (len(ts) - 1) / (ts[-1] - ts[0])
+
+
+def max_gap(stats: dict) -> float:
+    """The longest pause between two arrivals the server saw (seconds)."""
+    ts = sorted(stats.get("times") or [])
+    return max((b - a for a, b in zip(ts, ts[1:])), default=0.0)
+
+
 def window_rate(stats: dict, count_key: str = "requests") -> float:
     """Requests per second between the first and the last request the server saw."""
     t0, t1 = stats.get("first_request_t"), stats.get("last_request_t")
@@ -278,8 +308,11 @@ def work_dir() -> Path:
 
 # ---- running evoray and the reference ---------------------------------------------------------------
 
-def rate_once(providers: list[dict], rows: Path, outdir: Path, **ray_kw: Any) -> dict[str, Any]:
-    """One ``stage_rate`` through a fresh JobContext (its own gate) on the running Ray; wall time."""
+def rate_once(providers: list[dict], rows: Path, outdir: Path, during: Callable[[Any], Any] | None = None,
+              **ray_kw: Any) -> dict[str, Any]:
+    """One ``stage_rate`` through a fresh JobContext (its own job gate; the key gates are shared) on
+    the running Ray: wall time, counts, ledger and the key gates' status before and after.
+    ``during(session)``, when given, runs in a thread while the stage runs (e.g. kills a gate)."""
     import shutil
 
     from evoray.jobs import JobContext
@@ -288,24 +321,58 @@ def rate_once(providers: list[dict], rows: Path, outdir: Path, **ray_kw: Any) ->
     shutil.rmtree(outdir, ignore_errors=True)
     ctx = JobContext(job_config(providers, outdir, **ray_kw), quiet=True)
     try:
-        ctx.session()  # the gate actor starts outside the timed part
+        session = ctx.session()  # the gate actors start outside the timed part
+        before = session.key_gate_status()
+        thread = threading.Thread(target=during, args=(session,), daemon=True) if during else None
         t0 = time.perf_counter()
+        if thread:
+            thread.start()
         res = stage_rate(ctx, str(rows), outdir)
         wall = time.perf_counter() - t0
+        if thread:
+            thread.join(60)
         ledger = ctx.ledger_dict()
+        after = session.key_gate_status()
     finally:
         ctx.close()
-    return {"wall_s": wall, "counts": res.counts, "ledger": ledger}
+    return {"wall_s": wall, "counts": res.counts, "ledger": ledger, "gates_before": before, "gates_after": after}
 
 
-def run_reference(base_url: str, n: int, rpm: float | None = None, concurrency: int = 64) -> dict[str, Any]:
+def gate_cpu_per_request(r: dict, provider: str = "fake") -> float:
+    """Key-gate CPU seconds per permit granted during one ``rate_once`` (0 when it has no gate)."""
+    a, b = r["gates_after"].get(provider), r["gates_before"].get(provider)
+    if not a or not b:
+        return float("nan")
+    if a.get("pid") != b.get("pid"):  # restarted meanwhile: only the new process's CPU is known
+        return a["cpu_s"] / max(1, a["permits"])
+    return (a["cpu_s"] - b["cpu_s"]) / max(1, a["permits"] - b["permits"])
+
+
+def run_reference(base_url: str, n: int, rpm: float | None = None, concurrency: int = 64,
+                  period: float = 60.0) -> dict[str, Any]:
     """bench/plain_reference.py in its own process (its own GIL, like a user's script)."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_reference.py"), base_url, str(n),
-                          str(rpm) if rpm else "none", str(concurrency)],
-                         capture_output=True, text=True, env={**os.environ, "OPENAI_API_KEY": FAKE_KEY}, timeout=1800)
-    if out.returncode != 0:
-        raise RuntimeError(f"plain_reference failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_peers(base_url, n, rpm, 1, concurrency=concurrency, period=period)
+
+
+def run_peers(base_url: str, n: int, rpm: float | None, procs: int, concurrency: int = 64,
+              period: float = 1.0) -> dict[str, Any]:
+    """``procs`` plain-reference processes at once, each with ``n/procs`` prompts and an
+    ``AsyncLimiter`` for ``rpm/procs`` (what a careful user does without a shared gate)."""
+    share = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY}
+    t0 = time.perf_counter()
+    ps = [subprocess.Popen([sys.executable, str(ROOT / "bench" / "plain_reference.py"), base_url, str(k),
+                            str(rpm / procs) if rpm else "none", str(concurrency), str(period), str(sum(share[:i]))],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+          for i, k in enumerate(share)]
+    outs = []
+    for p in ps:
+        out, err = p.communicate(timeout=1800)
+        if p.returncode != 0:
+            raise RuntimeError(f"plain_reference failed: {err[-2000:]}")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    wall = time.perf_counter() - t0
+    return {"n": n, "failed": sum(o["failed"] for o in outs), "wall_s": wall, "req_per_s": n / wall}
 
 
 # ---- memory: /proc, no psutil needed -------------------------------------------------------------

@@ -56,8 +56,8 @@ def _serve(config_json: str) -> None:
         print(srv.url, flush=True)
         for line in sys.stdin:  # until the parent closes stdin
             parts = line.split()
-            if parts[:1] == ["rpm"]:
-                srv.update(rpm=float(parts[1]))
+            if parts[:1] == ["rpm"]:  # the headers keep announcing the original limit
+                srv.update(rpm=float(parts[1]), advertised_rpm=srv.config.advertised_rpm or srv.config.rpm)
             print("ok", flush=True)
 
 

@@ -1,8 +1,11 @@
 """The plain reference: openai.AsyncOpenAI + aiolimiter.AsyncLimiter + asyncio.gather, nothing else.
 
-What a careful user writes in ~40 lines: one SDK client (default SDK retries), a per-minute limiter
-set to the key's rpm, a semaphore bounding requests in flight, and gather over the prompts.
-``python bench/plain_reference.py BASE_URL N [RPM] [CONCURRENCY]`` prints one JSON line.
+What a careful user writes in ~40 lines: one SDK client (default SDK retries), a limiter set to the
+key's rpm, a semaphore bounding requests in flight, and gather over the prompts.
+``python bench/plain_reference.py BASE_URL N [RPM] [CONCURRENCY] [PERIOD] [OFFSET]`` prints one JSON
+line. ``PERIOD`` is the limiter's time period: ``AsyncLimiter(rpm/60 * PERIOD, PERIOD)``; 60 is the
+per-minute recipe, 1 the careful per-second one (B1's fair peers). ``OFFSET`` numbers the prompts
+(several processes send different prompts).
 """
 
 import asyncio
@@ -15,9 +18,10 @@ import openai
 from aiolimiter import AsyncLimiter
 
 
-async def run(base_url: str, n: int, rpm: float | None = None, concurrency: int = 64) -> dict:
+async def run(base_url: str, n: int, rpm: float | None = None, concurrency: int = 64, period: float = 60.0,
+              offset: int = 0) -> dict:
     client = openai.AsyncOpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "sk-x"))
-    limiter = AsyncLimiter(rpm, 60) if rpm else None  # the usual recipe: rpm permits per 60 s
+    limiter = AsyncLimiter(rpm / 60.0 * period, period) if rpm else None
     sem = asyncio.Semaphore(concurrency)
     failed = 0
 
@@ -29,7 +33,7 @@ async def run(base_url: str, n: int, rpm: float | None = None, concurrency: int 
             try:
                 await client.chat.completions.create(
                     model="fake-model", max_tokens=256, temperature=0.0,
-                    messages=[{"role": "user", "content": f"Rate the answer to question {i} on a scale of 0 to 5."}])
+                    messages=[{"role": "user", "content": f"Rate the answer to question {offset + i} on a scale of 0 to 5."}])
             except openai.APIError:
                 failed += 1  # retries exhausted (the SDK retries 429/5xx twice by default)
 
@@ -44,4 +48,6 @@ if __name__ == "__main__":
     url, n = sys.argv[1], int(sys.argv[2])
     rpm = float(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3] != "none" else None
     conc = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-    print(json.dumps(asyncio.run(run(url, n, rpm, conc))), flush=True)
+    period = float(sys.argv[5]) if len(sys.argv) > 5 else 60.0
+    offset = int(sys.argv[6]) if len(sys.argv) > 6 else 0
+    print(json.dumps(asyncio.run(run(url, n, rpm, conc, period, offset))), flush=True)

@@ -25,15 +25,19 @@ import common  # noqa: E402
 from common import QUICK, ROOT, Figure, machine, say, work_dir  # noqa: E402
 
 BENCHES = {
-    "b1": ("b1_rate_limit", "B1 rate-limit use"),
+    "b1": ("b1_rate_limit", "B1 rate-limit use on a strict server"),
+    "b1x": ("b1x_two_jobs", "B1x two jobs on one cluster, one key"),
+    "b1a": ("b1a_adaptive", "B1a adaptive limit (configured 1,200 rpm, real 900)"),
     "b2": ("b2_spreading", "B2 spreading over two providers"),
     "b3": ("b3_candidates", "B3 optimizer candidates in parallel"),
     "b4": ("b4_overhead", "B4 overhead of the rater pool"),
     "b5": ("b5_memory", "B5 memory at scale"),
     "b6": ("b6_local_model", "B6 embedded model"),
+    "b7": ("b7_gate_scale", "B7 gate scale (32 actors, 6,000 rpm)"),
+    "bk": ("bk_gate_killed", "BK gate killed mid-run"),
     "b5full": ("b5_memory", "B5 memory at scale, three large runs", "run_full"),
 }
-DEFAULT = ["b1", "b2", "b3", "b4", "b5", "b6"]  # `make bench`; b5full is `make bench-full`
+DEFAULT = ["b1", "b1x", "b1a", "b2", "b3", "b4", "b5", "b6", "b7", "bk"]  # `make bench`; b5full is `make bench-full`
 RESULTS = ROOT / "bench" / "results.json"  # every entry's latest full-size run, merged across invocations
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept by run_all.py -->", "<!-- /notes -->"
 
@@ -48,8 +52,8 @@ def main(argv: list[str]) -> int:
     m0 = machine()
     say(f"machine: {m0['nproc']} CPUs ({m0['cpu']}), {m0['mem_gib']} GiB, load {m0['load']}; "
         f"quick={QUICK} full={common.FULL} repeats={common.repeats()}")
-    cmd = "".join(f"{k}={os.environ[k]} " for k in ("BENCH_QUICK", "BENCH_FULL", "BENCH_REPEATS", "BENCH_B5_BIG")
-                  if os.environ.get(k)) + "python bench/run_all.py"
+    cmd = "".join(f"{k}={os.environ[k]} " for k in sorted(os.environ)
+                  if k.startswith("BENCH_") and k != "BENCH_WORK" and os.environ.get(k)) + "python bench/run_all.py"
     cmd += "" if chosen == DEFAULT else " " + " ".join(chosen)
     t_all = time.perf_counter()
     common.init_ray()

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from .cache import ResponseCache, cache_key
 from .config import ProviderConfig
 from .errors import BudgetExceeded, ProviderError, RetriesExhausted
-from .gate import Gatekeeper, Grant, backoff_delay
+from .gate import Grant, LocalGate, backoff_delay  # noqa: F401 - LocalGate: the in-process gate
 from .ledger import Ledger
 from .providers.base import Completion, Provider, Request
 
@@ -34,24 +34,9 @@ from .providers.base import Completion, Provider, Request
 class Gate(Protocol):
     async def acquire(self, candidates: list[str], est_tokens: int = 0) -> Grant: ...
     async def release(self, grant: Grant | None, provider: str, ok: bool, used_tokens: int | None = None,
-                      status: int | None = None, retry_after: float | None = None, health_failure: bool = False) -> None: ...
+                      status: int | None = None, retry_after: float | None = None, health_failure: bool = False,
+                      limits: dict | None = None) -> None: ...
     async def record(self, delta: dict) -> dict: ...
-
-
-class LocalGate:
-    """A :class:`Gatekeeper` used in-process (tests, single-process tools)."""
-
-    def __init__(self, keeper: Gatekeeper):
-        self.keeper = keeper
-
-    async def acquire(self, candidates, est_tokens=0):
-        return await self.keeper.acquire(candidates, est_tokens)
-
-    async def release(self, grant, provider, ok, used_tokens=None, status=None, retry_after=None, health_failure=False):
-        await self.keeper.release(grant, provider, ok, used_tokens, status, retry_after, health_failure)
-
-    async def record(self, delta):
-        return self.keeper.record(delta)
 
 
 def needs_permits(cfgs: list[ProviderConfig]) -> bool:
@@ -156,7 +141,8 @@ class LLMClient:
                 comp.attempts = attempt
                 comp.provider, comp.model = name, prov.model
                 if grant is not None:
-                    await self.gate.release(grant, name, ok=True, used_tokens=comp.input_tokens + comp.output_tokens)
+                    await self.gate.release(grant, name, ok=True, used_tokens=comp.input_tokens + comp.output_tokens,
+                                            limits=comp.limits)
                 self.ledger.success(name, prov.model, comp.input_tokens, comp.output_tokens, retry=attempt > 1)
                 if self.cache is not None:
                     self.cache.put(cache_key(prov.kind, prov.model, request), comp)
@@ -168,7 +154,8 @@ class LLMClient:
             health = err.status != 429
             if self.use_permits:
                 await self.gate.release(grant, name, ok=False, used_tokens=None, status=err.status,
-                                        retry_after=err.retry_after, health_failure=health)
+                                        retry_after=err.retry_after, health_failure=health,
+                                        limits=getattr(err, "limits", None))
             if not err.retryable:
                 await self.flush(force=True)
                 raise err
@@ -183,5 +170,8 @@ class LLMClient:
 
     async def aclose(self) -> None:
         await self.flush(force=True)
+        close = getattr(self.gate, "close", None)
+        if close is not None:
+            close()  # the gate's background permit calls (restarted by the next request, if any)
         for p in self.providers.values():
             await p.aclose()

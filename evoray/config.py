@@ -47,8 +47,21 @@ class ProviderConfig(Base):
     api_key_env: str | None = Field(
         None, description="environment variable holding the key; default OPENAI_API_KEY / ANTHROPIC_API_KEY"
     )
-    rpm: float | None = Field(None, gt=0, description="requests per minute for this key, across the whole job")
-    tpm: float | None = Field(None, gt=0, description="tokens per minute (input + output), across the whole job")
+    rpm: float | None = Field(
+        None, gt=0, description="requests per minute for this key, shared by every job on the Ray cluster that uses "
+                                "the same key (the lowest configured value wins)")
+    tpm: float | None = Field(
+        None, gt=0, description="tokens per minute (input + output) for this key, shared like rpm; each request is "
+                                "charged its estimate (prompt + max_tokens) and corrected after it")
+    limit_window_s: float = Field(
+        1.0, gt=0, le=60,
+        description="the provider's enforcement window: at most rpm/60 * window requests (and tpm/60 * window tokens) "
+                    "are granted in any window of this length (1 s: strict providers check per-minute limits per second)")
+    limit_margin: float = Field(
+        0.02, ge=0, lt=0.5,
+        description="safety margin on rpm/tpm for the gap between a permit and the request's arrival: grants are "
+                    "spaced so the limit holds even when a request arrives up to about margin * window late "
+                    "(0.02: 20 ms), at the cost of using 1 - margin of the limit")
     max_concurrency: int | None = Field(None, gt=0, description="requests in flight at once, across the whole job")
     weight: float = Field(1.0, gt=0, description="share of the role's requests when headroom is equal")
     price: Price = Field(default_factory=Price, description="prices used by the ledger and the estimate")
@@ -116,6 +129,9 @@ class RayConfig(Base):
     actor_num_cpus: float = Field(0.25, gt=0, description="CPUs per API-bound actor (rater, evolver, candidate, judge); they wait on the network")
     actor_concurrency: int = Field(16, ge=1, description="requests in flight inside each pool actor")
     batch_size: int = Field(64, ge=1, description="rows per map_batches batch")
+    lease_permits: bool = Field(
+        True, description="lease rate-limit permits to each actor in small batches (its share of the rate); false "
+                          "asks the key's gate once per request and awaits the answer (for comparison, B4)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started for the job (default: all)")
     spread: bool = Field(False, description="spread pool actors over nodes (SPREAD scheduling)")
     object_store_mb: int | None = Field(

@@ -74,7 +74,8 @@ class ProviderError(EvorayError):
 
     ``status`` is the HTTP status when there was one (None for timeouts and connection errors),
     ``retryable`` says whether the retry layer may try again, ``retry_after`` is the advised wait
-    in seconds from ``Retry-After`` / ``retry-after-ms`` when the server sent one.
+    in seconds from ``Retry-After`` / ``retry-after-ms`` when the server sent one, ``limits`` the
+    reply's rate-limit headers (for the key's gate).
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class ProviderError(EvorayError):
         retryable: bool = False,
         retry_after: float | None = None,
         kind: str = "error",
+        limits: dict | None = None,
     ):
         where = f"provider '{provider}' (model {model})"
         st = f" status {status}" if status is not None else ""
@@ -97,6 +99,7 @@ class ProviderError(EvorayError):
         self.retryable = retryable
         self.retry_after = retry_after
         self.kind = kind  # "rate_limit", "server", "timeout", "connection", "malformed", "client"
+        self.limits = limits  # rate-limit headers of the reply (providers.base.rate_limit_info), if any
 
 
 class RetriesExhausted(EvorayError):

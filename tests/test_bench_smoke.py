@@ -20,12 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.bench_smoke
 
 EXPECTED = {
-    "B1": ["evoray achieved rpm / limit", "evoray 429 share", "plain reference 429 share"],
+    "B1": ["evoray achieved rpm / limit", "evoray 429 share", "peer (a) 429 share", "peer (b) 429 share"],
+    "B1x": ["two jobs on one key, combined rpm / limit", "two jobs on one key, 429 share"],
+    "B1a": ["silent, settled rpm / real limit", "headers, settled rpm / real limit"],
     "B2": ["aggregate rate / R"],
     "B3": ["time for m=5 candidates / time for 1"],
-    "B4": ["rater pool req/s / plain asyncio req/s"],
+    "B4": ["rater pool req/s / plain asyncio req/s", "req/s with permit leases / one gate call per request",
+           "key gate CPU per request, leases"],
     "B5": ["driver peak RSS", "largest worker peak RSS", "wall time"],
     "B6": ["evoray local provider tok/s / direct llama-cpp-python tok/s"],
+    "B7": ["rpm / limit", "p99 wait for a permit", "key gate CPU per request"],
+    "BK": ["rows accounted / rows in", "duplicate rows", "requests beyond one per row"],
 }
 
 
@@ -45,8 +50,8 @@ def test_bench_scripts_run_and_print_their_figures(tmp_path):
                 f"no figure line '{bench} {name}' in:\n" + "\n".join(figures)
     # every figure line carries a number (or n/a) and, when it has a goal, a verdict
     for line in figures:
-        assert re.match(r"FIGURE B\d [^:]+: (n/a|-?[\d,.]+)", line), line
+        assert re.match(r"FIGURE B[0-9A-Za-z]+ [^:]+: (n/a|-?[\d,.]+)", line), line
         assert "goal" not in line or ("PASS" in line or "MISS" in line), line
     md = (tmp_path / "BENCHMARKS.quick.md").read_text()
-    assert "| B1 |" in md and "| B6 |" in md and "CPUs" in md
+    assert "| B1 |" in md and "| B6 |" in md and "| B7 |" in md and "| BK |" in md and "CPUs" in md
     assert not (tmp_path / "BENCHMARKS.md").exists()

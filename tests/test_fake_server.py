@@ -201,7 +201,7 @@ async def test_burst_over_rpm_gets_429_with_retry_after():
         assert (s["requests"], s["ok"], s["rate_limited"]) == (6, len(ok), len(limited))
         assert s["max_rps_1s"] == 6
 
-        # Anthropic shape on /v1/messages; retry_after_s=None sends the bucket's exact wait.
+        # Anthropic shape on /v1/messages; retry_after_s=None sends the window's exact wait.
         srv.update(retry_after_s=None)
         aclient = aan(srv)
         results = await asyncio.gather(*(amsg(aclient) for _ in range(4)), return_exceptions=True)
@@ -210,9 +210,21 @@ async def test_burst_over_rpm_gets_429_with_retry_after():
         ae = limited[0]
         assert ae.body["type"] == "error" and ae.body["error"]["type"] == "rate_limit_error"
         wait_ms = int(ae.response.headers["retry-after-ms"])
-        assert 0 < wait_ms <= 500  # 2 per second: the next request fits within 0.5 s
+        # a strict window: room again once the oldest arrivals leave it (the rejected ones count too)
+        assert 0 < wait_ms <= 1000
         assert ae.response.headers["retry-after"] == "1"
         assert srv.stats()["rate_limited"] == s["rate_limited"] + len(limited)
+
+
+async def test_bucket_mode_is_the_lenient_token_bucket():
+    # 120 rpm with a 1 s burst: the bucket holds 2 requests and refills one every 0.5 s
+    with FakeLLMServer(FakeServerConfig(rpm=120, limit_mode="bucket", retry_after_s=None)) as srv:
+        client = aoa(srv)
+        results = await asyncio.gather(*(aask(client) for _ in range(4)), return_exceptions=True)
+        limited = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert len(limited) >= 2
+        wait_ms = int(limited[0].response.headers["retry-after-ms"])
+        assert 0 < wait_ms <= 500  # a bucket refills continuously: the next fits within 0.5 s
 
 
 async def test_tpm_bucket_limits_tokens():
@@ -433,3 +445,108 @@ def test_extract_instruction_forms():
     assert extract_instruction("#The Given Prompt#:\nWrite a haiku.\n#Rewritten Prompt#:") == "Write a haiku."
     assert extract_instruction("Rewrite it.\nInstruction: Add two numbers.\n\nPlease reply.") == "Add two numbers."
     assert extract_instruction("Rewrite this.\n\nTranslate 'cat' to French.") == "Translate 'cat' to French."
+
+
+# ------------------------------------------------------------------------------------------------
+# Strict limits, rate-limit headers, transport faults
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count_rejected", [True, False])
+def test_strict_window_counts_rejected_requests(count_rejected):
+    """120 rpm = 2 in any second. A client that keeps asking every 0.3 s after the window filled is
+    refused for as long as it keeps asking when rejected requests count; otherwise it gets through
+    once the first two leave the window."""
+    with FakeLLMServer(FakeServerConfig(rpm=120, count_rejected=count_rejected)) as srv:
+        client = oa(srv)
+        ask(client)
+        ask(client)
+        outcomes = []
+        for _ in range(6):
+            try:
+                ask(client)
+                outcomes.append("ok")
+            except openai.RateLimitError:
+                outcomes.append("429")
+            time.sleep(0.3)
+        if count_rejected:
+            assert outcomes == ["429"] * 6
+        else:
+            assert outcomes[0] == "429" and "ok" in outcomes[3:]
+
+
+def test_window_admits_exactly_the_allowance_in_any_window():
+    with FakeLLMServer(FakeServerConfig(rpm=600)) as srv:  # 10 in any second
+        client = oa(srv)
+        results = []
+        for _ in range(14):
+            try:
+                ask(client)
+                results.append(True)
+            except openai.RateLimitError:
+                results.append(False)
+        assert results[:10] == [True] * 10 and not any(results[10:])
+
+
+def test_openai_and_anthropic_rate_limit_headers():
+    from evoray.providers.base import rate_limit_info
+
+    cfg = FakeServerConfig(rpm=600, tpm=60_000, advertised_rpm=1200)
+    with FakeLLMServer(cfg) as srv:
+        raw = oa(srv).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        h = raw.headers
+        assert h["x-ratelimit-limit-requests"] == "1200"  # announced; the server enforces 600
+        assert h["x-ratelimit-limit-tokens"] == "60000"
+        info = rate_limit_info(h)
+        assert info["remaining_requests"] == 540  # 9 of 10 left in the window, per minute
+        assert 0.9 <= info["reset_requests_s"] <= 1.0
+        araw = an(srv).messages.with_raw_response.create(model=MODEL, max_tokens=16,
+                                                         messages=[{"role": "user", "content": "hi"}])
+        ah = araw.headers
+        assert ah["anthropic-ratelimit-requests-limit"] == "1200"
+        assert ah["anthropic-ratelimit-requests-reset"].endswith("Z")
+        ainfo = rate_limit_info(ah)
+        assert ainfo["remaining_requests"] == 480 and 0.5 <= ainfo["reset_requests_s"] <= 1.0
+        srv.update(rate_limit_headers=False)
+        raw = oa(srv).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}])
+        assert "x-ratelimit-limit-requests" not in raw.headers
+
+
+def test_retry_after_as_an_http_date():
+    from evoray.providers.base import retry_after_from_headers
+
+    cfg = FakeServerConfig(rpm=60, retry_after_s=3.0, retry_after_format="http-date", retry_after_ms=False)
+    with FakeLLMServer(cfg) as srv:
+        client = oa(srv)
+        ask(client)
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(client)
+        value = e.value.response.headers["retry-after"]
+        assert value.endswith("GMT") and "retry-after-ms" not in e.value.response.headers
+        assert 2.0 <= retry_after_from_headers(e.value.response.headers) <= 4.0
+
+
+def test_reset_connections_and_trickled_bodies():
+    with FakeLLMServer(FakeServerConfig(reset_rate=1.0)) as srv:
+        with pytest.raises(openai.APIConnectionError):
+            ask(oa(srv))
+        assert srv.stats()["resets"] == 1 and srv.stats()["ok"] == 0
+    with FakeLLMServer(FakeServerConfig(trickle_s=0.6)) as srv:
+        t0 = time.monotonic()
+        out = ask(oa(srv))
+        assert time.monotonic() - t0 >= 0.5 and out.choices[0].message.content
+        assert srv.stats()["trickled"] == 1
+        # the SDK's timeout bounds each read, not the whole answer: a trickle never trips it (evoray's
+        # own per-request timeout does, see test_rate_headers.py)
+        t0 = time.monotonic()
+        ask(oa(srv, timeout=0.2))
+        assert time.monotonic() - t0 >= 0.5
+
+
+def test_strict_options_are_validated():
+    for bad in (dict(limit_mode="leaky"), dict(retry_after_format="minutes"), dict(window_s=0),
+                dict(advertised_rpm=-1), dict(reset_rate=2.0)):
+        with pytest.raises(ValueError):
+            FakeServerConfig(**bad).validate()

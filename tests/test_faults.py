@@ -1,8 +1,9 @@
 """API faults through the rater and evolver pools: nothing lost, nothing counted twice.
 
 The fake server answers 10 % of requests with 500/503, 5 % with a malformed body, hangs 2 % past
-the provider's timeout, and halves its rate limit mid-run while the job keeps the original rpm (so
-the server answers 429 with ``retry-after`` and the client must back off). A few "poison" rows
+the provider's timeout, and halves its rate limit mid-run while the job keeps the original rpm and
+the server's headers keep announcing it (so the server answers 429 with ``retry-after``, the
+client must back off and the key's gate must learn the lower limit from the 429s). A few "poison" rows
 always draw a 500, so the failed table is never empty and its rows can be checked.
 
 CI size: 400 rows through the rater pool, 60 through the evolver pool; the full size (5,000 and
@@ -66,7 +67,8 @@ def fault_config(srv: FakeLLMServer, tmp: Path, rpm: float, **ray_kw) -> JobConf
 
 
 class HalveLimitAfter:
-    """Halves the server's rpm from a background thread once it has seen ``after`` requests."""
+    """Halves the server's rpm from a background thread once it has seen ``after`` requests; its
+    headers keep announcing the original limit, so only 429s tell the job."""
 
     def __init__(self, srv: FakeLLMServer, rpm: float, after: int):
         self.srv, self.rpm, self.after = srv, rpm, after
@@ -77,7 +79,7 @@ class HalveLimitAfter:
     def _run(self) -> None:
         while not self.stop.wait(0.02):
             if self.srv.stats()["requests"] >= self.after:
-                self.srv.update(rpm=self.rpm / 2)
+                self.srv.update(rpm=self.rpm / 2, advertised_rpm=self.rpm)
                 self.done.set()
                 return
 

@@ -274,7 +274,11 @@ async def test_retry_after_is_honoured_exactly(server, kind):
 def test_retry_after_header_parsing():
     assert retry_after_from_headers({"retry-after": "7"}) == 7.0
     assert retry_after_from_headers({"retry-after-ms": "1500", "retry-after": "2"}) == 1.5
-    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    # an HTTP-date (RFC 9110): seconds from now; a date in the past means "now"
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:30 GMT"}, now=now) == 30.0
+    assert retry_after_from_headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, now=now + 60) == 0.0
+    assert retry_after_from_headers({"retry-after": "soon"}) is None
     assert retry_after_from_headers({}) is None and retry_after_from_headers(None) is None
 
 
@@ -333,17 +337,20 @@ def test_local_kind_needs_no_key(monkeypatch):
 
 # ---- 4. one rate limit shared by every actor ------------------------------------------------------------
 
-# 30 requests a second: the issue's 600 rpm scaled up 3x so the test runs in ~5 s. (At 3000 rpm the
-# test flaked on a loaded 2-core machine: the gap between a permit and the request reaching the
-# server, which is CPU time, not design, then exceeded the half second of slack the two buckets
-# leave; at 1800 rpm it stays well inside it.)
+# 30 requests a second: the issue's 600 rpm scaled up 3x so the test runs in ~6 s, against the
+# fake server's strict window (at most 30 in ANY second, rejected requests counted). The 180
+# requests share one event loop here, and on a loaded 2-core machine (load average 10+) the gap
+# between a permit and the request's arrival varied by more than the default margin's 20 ms: one
+# 429 in 180 in four of five runs. So this test grants a 10 % margin (100 ms); the default margin's
+# guarantee is a property of the schedule, checked on the fake clock in test_limiter.py.
 RPM = 1800
+MARGIN = 0.1
 PER_ACTOR = 45
 
 _SERVER_PROCESS = """
 import sys
 from evoray.testing.fake_server import FakeLLMServer, FakeServerConfig
-srv = FakeLLMServer(FakeServerConfig(rpm=float(sys.argv[1]), burst_seconds=1.0)).start()
+srv = FakeLLMServer(FakeServerConfig(rpm=float(sys.argv[1]), limit_mode="window")).start()
 print(srv.url, flush=True)
 sys.stdin.read()
 srv.stop()
@@ -370,7 +377,8 @@ def limited_server_url():
 
 
 def limited_config(url: str, **kw) -> ProviderConfig:
-    return ProviderConfig(name="main", kind="openai", model="fake-model", base_url=url + "/v1", rpm=RPM, **kw)
+    return ProviderConfig(name="main", kind="openai", model="fake-model", base_url=url + "/v1", rpm=RPM,
+                          limit_margin=MARGIN, **kw)
 
 
 async def _actor(client: LLMClient, actor: int, n: int):
@@ -393,7 +401,7 @@ async def test_four_actors_sharing_one_gate_get_no_429(limited_server_url):
     assert stats["ok"] == stats["requests"] == 4 * PER_ACTOR
     assert all(o.attempts == 1 for o in outs)
     assert keeper.ledger.to_dict()["total"]["rate_limited"] == 0
-    # and the limit was used, not undercut: 180 requests at 30/s after a burst of 15 take ~5.5 s
+    # and the limit was used, not undercut: 180 requests at 27/s (30 less the margin), no burst: ~6.6 s
     span = stats["last_request_t"] - stats["first_request_t"]
     assert span < 9.0
 

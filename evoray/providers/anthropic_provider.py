@@ -16,7 +16,7 @@ import copy
 from typing import Any
 
 from ..errors import ProviderError
-from .base import Completion, Request, parse_json_reply
+from .base import Completion, Request, parse_json_reply, rate_limit_info
 from .sdk import SDKProvider
 
 
@@ -96,7 +96,7 @@ class AnthropicProvider(SDKProvider):
             kwargs["system"] = system
         if request.json_schema is not None:
             kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
-        resp = await self._call(self._sdk().messages.create, **kwargs)
+        resp, headers = await self._call(self._create_raw, **kwargs)
         blocks = getattr(resp, "content", None) or []
         text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", "") == "text")
         if not blocks:
@@ -110,4 +110,11 @@ class AnthropicProvider(SDKProvider):
             provider=self.name,
             model=getattr(resp, "model", None) or self.model,
             finish_reason=getattr(resp, "stop_reason", None),
+            limits=rate_limit_info(headers),
         )
+
+    async def _create_raw(self, **kwargs: Any):
+        """``messages.create`` through ``with_raw_response``: the parsed message and the reply's
+        headers (their rate-limit state goes to the key's gate)."""
+        raw = await self._sdk().messages.with_raw_response.create(**kwargs)
+        return await raw.parse(), raw.headers

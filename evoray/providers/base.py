@@ -12,7 +12,11 @@ in :mod:`evoray.client`. They map every failure to :class:`~evoray.errors.Provid
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
+import re
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -68,9 +72,12 @@ class Completion:
     cached: bool = False
     attempts: int = 1
     finish_reason: str | None = None
+    limits: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # rate-limit headers
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("limits", None)  # what the key's gate learns from one reply; never cached
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Completion":
@@ -105,20 +112,101 @@ def classify_status(status: int | None) -> bool:
     return status is None or status in RETRYABLE_STATUS
 
 
-def retry_after_from_headers(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds); None if absent."""
+def _retry_after_value(value: str, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds (``"2"``, ``"1.5"``) or as an HTTP-date (RFC 9110)."""
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_after_from_headers(headers: Any, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP-date); None
+    if absent or unreadable. ``now`` is the wall-clock time the date is measured from."""
     if headers is None:
         return None
     try:
         ms = headers.get("retry-after-ms")
         if ms is not None:
             return max(0.0, float(ms) / 1000.0)
-        s = headers.get("retry-after")
-        if s is not None:
-            return max(0.0, float(s))
+    except (TypeError, ValueError):
+        pass
+    s = headers.get("retry-after")
+    return _retry_after_value(str(s), now) if s is not None else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str) -> float | None:
+    """OpenAI's reset durations: ``"1s"``, ``"6m0s"``, ``"20ms"``, ``"1h2m3.5s"``; plain numbers are seconds."""
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(a + b for a, b in parts) != text.replace(" ", ""):
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(a) * scale[b] for a, b in parts)
+
+
+def _until(text: str, now: float | None) -> float | None:
+    """Anthropic's resets: an RFC 3339 time; seconds from ``now`` (wall clock)."""
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return parse_duration(text)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
     except (TypeError, ValueError):
         return None
-    return None
+
+
+def rate_limit_info(headers: Any, now: float | None = None) -> dict[str, float] | None:
+    """The rate-limit headers of a reply, in one shape for both APIs (None when there are none):
+    ``limit_requests``, ``remaining_requests``, ``reset_requests_s`` and the same for ``tokens``.
+
+    OpenAI sends ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (resets as durations,
+    ``"6m0s"``); Anthropic sends ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``
+    (resets as RFC 3339 times). Limits are read as per minute."""
+    if headers is None:
+        return None
+    out: dict[str, float] = {}
+    get = headers.get
+    for dim in ("requests", "tokens"):
+        for name, field_, parse in (
+            (f"x-ratelimit-limit-{dim}", f"limit_{dim}", _number),
+            (f"x-ratelimit-remaining-{dim}", f"remaining_{dim}", _number),
+            (f"x-ratelimit-reset-{dim}", f"reset_{dim}_s", parse_duration),
+            (f"anthropic-ratelimit-{dim}-limit", f"limit_{dim}", _number),
+            (f"anthropic-ratelimit-{dim}-remaining", f"remaining_{dim}", _number),
+            (f"anthropic-ratelimit-{dim}-reset", f"reset_{dim}_s", lambda v: _until(v, now)),
+        ):
+            v = get(name)
+            if v is None or field_ in out:
+                continue
+            parsed = parse(str(v))
+            if parsed is not None:
+                out[field_] = parsed
+    return out or None
 
 
 class Provider:

@@ -13,7 +13,8 @@ walk and the model building were about half of the client's CPU per request: 1.0
 row through ``create``, 0.55 ms this way (bench/B5, BENCHMARKS.md). Our bodies are plain JSON
 (strings, numbers, a JSON-schema dict), which the walk leaves unchanged, and we read the four
 fields we need from the JSON reply ourselves, so a reply with fields the SDK does not know is
-still read. Auth is the bearer key only, the security option ``create`` passes (the SDK's
+still read. The reply comes back as the SDK's raw HTTP response (``cast_to`` its response class) so
+its rate-limit headers reach the key's gate. Auth is the bearer key only, the security option ``create`` passes (the SDK's
 default for ``post`` would also allow ``OPENAI_ADMIN_KEY``; an admin key has no business on a chat
 endpoint, let alone a third-party ``base_url``).
 """
@@ -24,7 +25,7 @@ import json
 from typing import Any
 
 from ..errors import ProviderError
-from .base import Completion, Request, parse_json_reply
+from .base import Completion, Request, parse_json_reply, rate_limit_info
 from .sdk import SDKProvider
 
 
@@ -59,9 +60,11 @@ class OpenAIProvider(SDKProvider):
             kwargs["seed"] = request.seed
         if request.json_schema is not None:
             kwargs["response_format"] = _strict_schema(request.json_schema)
-        raw = await self._call(self._sdk().post, path="/chat/completions", body=kwargs, cast_to=bytes,
-                               options=_CHAT_OPTIONS)
-        return self._completion(raw, request.json_schema is not None)
+        resp = await self._call(self._sdk().post, path="/chat/completions", body=kwargs,
+                                cast_to=_http_response_class(self._sdk_module()), options=_CHAT_OPTIONS)
+        comp = self._completion(resp.content, request.json_schema is not None)
+        comp.limits = rate_limit_info(resp.headers)
+        return comp
 
     def _completion(self, raw: bytes, wants_json: bool) -> Completion:
         """The Completion in a Chat Completions reply body; a body that is not one is ``malformed``."""
@@ -95,3 +98,14 @@ class OpenAIProvider(SDKProvider):
 
 #: the request options ``chat.completions.create`` passes: authenticate with the bearer key only
 _CHAT_OPTIONS: dict[str, Any] = {"security": {"bearer_auth": True}}
+
+
+def _http_response_class(sdk):
+    """The HTTP response class the SDK's ``post(..., cast_to=...)`` returns as is (body and headers):
+    ``httpx2.Response`` in openai 3.x (its README's example for undocumented endpoints), ``httpx.Response``
+    before. The headers carry the rate-limit state the key's gate learns from."""
+    base = getattr(sdk, "_base_client", None)
+    mod = getattr(base, "httpx2", None) or getattr(base, "httpx", None)
+    if mod is None:
+        import httpx as mod
+    return mod.Response

@@ -13,7 +13,7 @@ from typing import Any, Awaitable, Callable
 
 from ..config import ProviderConfig
 from ..errors import ProviderError
-from .base import Provider, classify_status, retry_after_from_headers
+from .base import Provider, classify_status, rate_limit_info, retry_after_from_headers
 
 
 class SDKProvider(Provider):
@@ -89,6 +89,7 @@ class SDKProvider(Provider):
             retryable=classify_status(status) or status in self.extra_retryable,
             retry_after=retry_after_from_headers(headers),
             kind=kind,
+            limits=rate_limit_info(headers),
         )
 
     async def aclose(self) -> None:

@@ -32,6 +32,12 @@ def run_virtual(coro):
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(coro)
     finally:
+        # like asyncio.run: cancel what is still pending (parked lease calls, watches) and let it finish
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         asyncio.set_event_loop(None)
         loop.close()
 
@@ -54,3 +60,42 @@ class TokenBucketModel:
             return True
         self.rejected += 1
         return False
+
+
+class StrictWindowModel:
+    """A strict provider: at most ``max(1, floor(rpm/60 * window))`` arrivals in ANY window of
+    ``window_s`` seconds, rejected arrivals counted too (what the fake server's ``window`` mode does)."""
+
+    def __init__(self, per_minute: float, window_s: float = 1.0, count_rejected: bool = True):
+        import math
+        from collections import deque
+
+        self.window = max(window_s, 60.0 / per_minute)
+        self.allowed = max(1, math.floor(per_minute / 60.0 * self.window + 1e-9))
+        self.count_rejected = count_rejected
+        self.arrivals: deque[float] = deque()
+        self.admitted = 0
+        self.rejected = 0
+
+    def offer(self, t: float) -> bool:
+        while self.arrivals and self.arrivals[0] <= t - self.window:
+            self.arrivals.popleft()
+        ok = len(self.arrivals) < self.allowed
+        if ok or self.count_rejected:
+            self.arrivals.append(t)
+        if ok:
+            self.admitted += 1
+        else:
+            self.rejected += 1
+        return ok
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    """The most of ``times`` inside any half-open window ``(t - window_s, t]``."""
+    ts = sorted(times)
+    best, j = 0, 0
+    for i, t in enumerate(ts):
+        while ts[j] <= t - window_s:
+            j += 1
+        best = max(best, i - j + 1)
+    return best

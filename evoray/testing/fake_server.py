@@ -7,7 +7,7 @@ it through the real SDKs::
     with FakeLLMServer(FakeServerConfig(rpm=600, error_rate=0.1)) as srv:
         client = openai.OpenAI(base_url=srv.openai_base_url, api_key="sk-test", max_retries=0)
         ...
-        srv.update(rpm=300)            # halve the limit mid-run
+        srv.update(rpm=300)            # halve the limit mid-run (advertised_rpm=600: headers still say 600)
         print(srv.stats()["rate_limited"])
 
 Endpoints:
@@ -18,9 +18,12 @@ Endpoints:
   ``output_config.format`` json_schema, or a forced tool, answered with JSON);
 - ``GET /stats`` (the dict :meth:`FakeLLMServer.stats` returns) and ``GET /health``.
 
-Each POST goes through, in order: the key check (401), the rpm and tpm token buckets (429 with
-``retry-after`` and ``retry-after-ms``), then one random draw that picks a hang, an injected 5xx, a
-malformed body, an empty reply or a normal answer (after the configured latency). A reply queued
+Each POST goes through, in order: the key check (401), the rpm and tpm limits (429 with
+``retry-after`` and ``retry-after-ms``; by default a strict sliding window that counts rejected
+requests, see "Strict limits" below), then one random draw that picks a hang, an injected 5xx, a
+malformed body, an empty reply, a reset connection or a normal answer (after the configured
+latency; its body may trickle out slowly). Answers and 429s carry OpenAI- or Anthropic-style
+rate-limit headers. A reply queued
 with :meth:`FakeLLMServer.script` (text, a dict sent as JSON, or a :class:`Fault`) is used before
 the responder; a random fault does not consume a queued text reply.
 
@@ -29,7 +32,7 @@ Replies come from ``responder(kind, request_json) -> str`` (``kind`` is ``"opena
 loose, case-insensitive keywords (the ``*_MARKERS`` constants below).
 
 Tokens are estimated as ``len(text) // 4 + 1`` per message (prompt) and for the reply
-(completion); the tpm bucket is charged prompt + completion for every request it admits.
+(completion); the tpm limit is charged prompt + completion for every request it admits.
 Not supported: streaming (``stream: true`` is answered 400), token logprobs, images.
 """
 
@@ -37,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
+import email.utils
 import json
 import math
 import random
@@ -112,6 +117,17 @@ class FakeServerConfig:
     retry_after_s: float | None = 1.0  # advised on 429; None: the bucket's exact wait
     seed: int = 0
     required_key: str | None = None  # a wrong / missing key -> 401 (the key is never echoed)
+    # -- strict limits, rate-limit headers and transport faults (see "Strict limits" below) --
+    limit_mode: str = "window"  # "window": strict sliding window; "bucket": lenient token bucket (burst_seconds)
+    window_s: float = 1.0  # window mode: at most rpm/60 * window_s requests in ANY window of this length
+    count_rejected: bool = True  # window mode: a rejected request still counts in the window (as strict APIs do)
+    advertised_rpm: float | None = None  # the limit the headers announce (None: rpm); above rpm = "the real
+    advertised_tpm: float | None = None  # limit is lower than configured", which only 429s reveal
+    rate_limit_headers: bool = True  # x-ratelimit-* (OpenAI path) / anthropic-ratelimit-* (Anthropic path)
+    retry_after_format: str = "seconds"  # Retry-After on 429: "seconds" | "http-date" | "none"
+    retry_after_ms: bool = True  # also send retry-after-ms (as OpenAI does)
+    trickle_s: float = 0.0  # answers' bodies trickle out in chunks over this many seconds
+    reset_rate: float = 0.0  # share of admitted requests whose connection is closed without an answer
 
     def validate(self) -> None:
         rates = {
@@ -119,6 +135,7 @@ class FakeServerConfig:
             "malformed_rate": self.malformed_rate,
             "empty_choices_rate": self.empty_choices_rate,
             "hang_rate": self.hang_rate,
+            "reset_rate": self.reset_rate,
         }
         for name, value in rates.items():
             if not 0.0 <= value <= 1.0:
@@ -137,6 +154,7 @@ class FakeServerConfig:
             raise ValueError(f"FakeServerConfig.burst_seconds must be positive, got {self.burst_seconds}")
         if self.error_rate and not self.error_statuses:
             raise ValueError("FakeServerConfig.error_statuses is empty but error_rate > 0")
+        validate_strict_options(self)
 
 
 class Fault(str, Enum):
@@ -478,8 +496,16 @@ class _Bucket:
         need = min(cost, self.capacity)
         return 0.0 if self.level >= need - 1e-9 else (need - self.level) / self.rate
 
-    def take(self, cost: float) -> None:
+    def take(self, cost: float, now: float | None = None) -> None:
         self.level -= cost
+
+    def remaining_per_minute(self, now: float) -> float:
+        self._refill(now)
+        return max(0.0, self.level) * self.rate * 60.0 / self.capacity
+
+    def reset_s(self, now: float) -> float:
+        self._refill(now)
+        return max(0.0, self.capacity - self.level) / self.rate
 
     def retune(self, rate: float, capacity: float, now: float) -> None:
         self._refill(now)
@@ -488,7 +514,7 @@ class _Bucket:
 
 
 COUNTERS = ("requests", "ok", "rate_limited", "errors", "malformed", "empty", "hangs", "unauthorized",
-            "bad_request", "responder_errors", "input_tokens", "output_tokens")
+            "bad_request", "responder_errors", "input_tokens", "output_tokens", "resets", "trickled")
 MAX_TIMES = 10_000
 
 
@@ -501,6 +527,7 @@ class _Stats:
         self.first_request_t: float | None = None
         self.last_request_t: float | None = None
         self.times: deque[float] = deque(maxlen=MAX_TIMES)  # wall-clock times of the latest requests
+        self.admitted_times: deque[float] = deque(maxlen=MAX_TIMES)  # ... of those the limits admitted
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -526,10 +553,138 @@ class _Stats:
             "first_request_t": self.first_request_t,
             "last_request_t": self.last_request_t,
             "times": list(self.times),
+            "admitted_times": list(self.admitted_times),
             "times_dropped": max(0, self.counts["requests"] - len(self.times)),
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict limits, rate-limit headers and transport faults
+# ---------------------------------------------------------------------------------------------
+#
+# The default limit mode, "window", is the strictest behaviour real APIs show: a per-minute limit
+# enforced as at most ``rpm/60 * window_s`` requests in ANY sliding window of ``window_s`` seconds
+# (600 rpm: 10 in any second), where a rejected request still counts; tokens likewise (a request
+# larger than the window's allowance is admitted alone into an empty window). "bucket" is the
+# older, lenient token bucket (``burst_seconds`` of burst), kept for comparison.
+#
+# Every 200 and 429 carries the limit state the way the real APIs do: on /v1/chat/completions
+# ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (remaining scaled to per minute, reset
+# as a duration until the window is empty: "20ms", "1.2s"), on /v1/messages
+# ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`` (reset as an RFC 3339 time).
+# ``advertised_rpm`` above ``rpm`` announces a limit the server does not honour. A 429 carries
+# ``Retry-After`` in seconds or as an HTTP-date (``retry_after_format``) and ``retry-after-ms``.
+
+LIMIT_MODES = ("window", "bucket")
+RETRY_AFTER_FORMATS = ("seconds", "http-date", "none")
+
+
+def validate_strict_options(cfg: "FakeServerConfig") -> None:
+    if cfg.limit_mode not in LIMIT_MODES:
+        raise ValueError(f"FakeServerConfig.limit_mode must be one of {LIMIT_MODES}, got {cfg.limit_mode!r}")
+    if cfg.retry_after_format not in RETRY_AFTER_FORMATS:
+        raise ValueError(f"FakeServerConfig.retry_after_format must be one of {RETRY_AFTER_FORMATS}, "
+                         f"got {cfg.retry_after_format!r}")
+    if cfg.window_s <= 0:
+        raise ValueError(f"FakeServerConfig.window_s must be positive, got {cfg.window_s}")
+    if cfg.trickle_s < 0:
+        raise ValueError(f"FakeServerConfig.trickle_s must be >= 0, got {cfg.trickle_s}")
+    for name in ("advertised_rpm", "advertised_tpm"):
+        v = getattr(cfg, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"FakeServerConfig.{name} must be positive or None, got {v}")
+
+
+class _Window:
+    """A strict sliding window: at most ``per_minute/60 * window`` units in any ``window`` seconds.
+
+    Windows shorter than one unit's share (30 rpm in 1 s) are widened to ``60/per_minute`` seconds,
+    so such a limit admits one request per two seconds. Not thread-safe: the server holds its lock."""
+
+    def __init__(self, per_minute: float, window_s: float, count_rejected: bool):
+        self.events: deque[list] = deque()  # [time, units]
+        self.used = 0.0
+        self.retune(per_minute, window_s, count_rejected)
+
+    def retune(self, per_minute: float, window_s: float, count_rejected: bool) -> None:
+        self.per_minute = per_minute
+        self.window = max(window_s, 60.0 / per_minute)
+        self.capacity = float(math.floor(per_minute / 60.0 * self.window + 1e-9))
+        self.count_rejected = count_rejected
+
+    def _expire(self, now: float) -> None:
+        while self.events and self.events[0][0] <= now - self.window:
+            self.used -= self.events.popleft()[1]
+        if not self.events:
+            self.used = 0.0
+
+    def wait_for(self, cost: float, now: float) -> float:
+        """Seconds until ``cost`` fits (0: fits now)."""
+        self._expire(now)
+        if self.used + cost <= self.capacity + 1e-9 or not self.events:
+            return 0.0
+        need = self.used + min(cost, self.capacity) - self.capacity
+        freed = 0.0
+        for t, units in self.events:
+            freed += units
+            if freed >= need - 1e-9:
+                return max(1e-6, t + self.window - now)
+        return self.window
+
+    def take(self, cost: float, now: float) -> None:
+        self.events.append([now, cost])
+        self.used += cost
+
+    def note_rejected(self, now: float) -> None:
+        if self.count_rejected:
+            self.take(1.0, now)
+
+    def remaining_per_minute(self, now: float) -> float:
+        self._expire(now)
+        return max(0.0, self.capacity - self.used) * 60.0 / self.window
+
+    def reset_s(self, now: float) -> float:
+        self._expire(now)
+        return (self.events[-1][0] + self.window - now) if self.events else 0.0
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms" under a second, else "1.5s" / "6m0s"."""
+    if seconds < 1.0:
+        return f"{max(0, int(math.ceil(seconds * 1000)))}ms"
+    if seconds < 60.0:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    m, s = divmod(seconds, 60.0)
+    return f"{int(m)}m{int(s)}s"
+
+
+def rate_limit_headers(kind: str, state: list[tuple[str, float, float, float]]) -> dict[str, str]:
+    """Headers for ``state`` = [(dimension, limit per minute, remaining per minute, seconds to reset)]."""
+    out: dict[str, str] = {}
+    for dim, limit, remaining, reset in state:
+        if kind == "openai":
+            out[f"x-ratelimit-limit-{dim}"] = str(int(limit))
+            out[f"x-ratelimit-remaining-{dim}"] = str(int(remaining))
+            out[f"x-ratelimit-reset-{dim}"] = _duration(reset)
+        else:
+            when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=reset)
+            out[f"anthropic-ratelimit-{dim}-limit"] = str(int(limit))
+            out[f"anthropic-ratelimit-{dim}-remaining"] = str(int(remaining))
+            out[f"anthropic-ratelimit-{dim}-reset"] = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return out
+
+
+def retry_after_headers(advise: float, cfg: "FakeServerConfig") -> dict[str, str]:
+    out: dict[str, str] = {}
+    if cfg.retry_after_format == "seconds":
+        out["retry-after"] = str(max(0, math.ceil(advise)))
+    elif cfg.retry_after_format == "http-date":
+        out["retry-after"] = email.utils.formatdate(math.ceil(time.time() + advise), usegmt=True)
+    if cfg.retry_after_ms:
+        out["retry-after-ms"] = str(max(0, int(round(advise * 1000))))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,8 +715,8 @@ class FakeLLMServer:
         self._queue: deque[Any] = deque()
         self._stats = _Stats()
         self._rng = random.Random(self._config.seed)
-        self._rpm: _Bucket | None = None
-        self._tpm: _Bucket | None = None
+        self._rpm: _Bucket | _Window | None = None
+        self._tpm: _Bucket | _Window | None = None
         self._retune_buckets(time.monotonic())
         self._ids = 0
         self._thread: threading.Thread | None = None
@@ -733,13 +888,20 @@ class FakeLLMServer:
             if per_min is None:
                 setattr(self, attr, None)
                 continue
+            current = getattr(self, attr)
+            if c.limit_mode == "window":
+                counts_rejects = c.count_rejected and attr == "_rpm"
+                if isinstance(current, _Window):
+                    current.retune(per_min, c.window_s, counts_rejects)
+                else:
+                    setattr(self, attr, _Window(per_min, c.window_s, counts_rejects))
+                continue
             rate = per_min / 60.0
             capacity = max(1.0, rate * c.burst_seconds)
-            bucket = getattr(self, attr)
-            if bucket is None:
-                setattr(self, attr, _Bucket(rate, capacity, now))
+            if isinstance(current, _Bucket):
+                current.retune(rate, capacity, now)
             else:
-                bucket.retune(rate, capacity, now)
+                setattr(self, attr, _Bucket(rate, capacity, now))
 
     # -- handlers ----------------------------------------------------------------------------------
 
@@ -822,20 +984,25 @@ class FakeLLMServer:
                 limited = True
             else:
                 cost = prompt_tokens + completion_tokens
+                now = time.monotonic()
                 buckets = [(b, c) for b, c in ((self._rpm, 1), (self._tpm, cost)) if b is not None]
-                wait = max((b.wait_for(c, time.monotonic()) for b, c in buckets), default=0.0)
+                wait = max((b.wait_for(c, now) for b, c in buckets), default=0.0)
                 limited = wait > 0
             if limited:
                 self._stats.counts["rate_limited"] += 1
+                if isinstance(self._rpm, _Window):
+                    self._rpm.note_rejected(time.monotonic())  # a strict API counts it all the same
             else:
                 for b, c in buckets:
-                    b.take(c)
+                    b.take(c, now)
+                self._stats.admitted_times.append(time.time())
                 scripted_fault = head if isinstance(head, Fault) else None
                 outcome, status, latency = self._draw(cfg, scripted_fault)
                 if head is not None and (scripted_fault is not None or outcome == "ok"):
                     self._queue.popleft()
+        limit_headers = self._limit_headers(kind, cfg)
         if limited:
-            return self._rate_limited(kind, cfg, wait)
+            return self._rate_limited(kind, cfg, wait, limit_headers)
 
         if outcome == "hang":
             self._count("hangs")
@@ -856,6 +1023,9 @@ class FakeLLMServer:
         if outcome == "error":
             self._count("errors")
             return web.json_response(_error_body(kind, status, f"fake server: injected {status}"), status=status)
+        if outcome == "reset":
+            self._count("resets")
+            return self._reset_connection(request)
         if outcome == "malformed":
             self._count("malformed")
             broken = '{"id": "fake-malformed", "choices": [{"index": 0, "message": {"role": "assistant", "cont'
@@ -876,7 +1046,10 @@ class FakeLLMServer:
         else:
             payload = self._anthropic_body(n, model, text, prompt_tokens, 0 if empty else completion_tokens,
                                            empty, tool_name)
-        return web.json_response(payload, headers={"x-request-id": f"req_fake_{n}"})
+        headers = {"x-request-id": f"req_fake_{n}", **limit_headers}
+        if cfg.trickle_s > 0:
+            return await self._trickle(request, payload, headers, cfg.trickle_s)
+        return web.json_response(payload, headers=headers)
 
     def _respond(self, kind: str, body: dict, messages: list[dict[str, str]], wants_json: bool | dict) -> str:
         if self.responder is not None:
@@ -895,7 +1068,8 @@ class FakeLLMServer:
             outcome, status = "ok", 200
             edge = 0.0
             for name, rate in (("hang", cfg.hang_rate), ("error", cfg.error_rate),
-                               ("malformed", cfg.malformed_rate), ("empty", cfg.empty_choices_rate)):
+                               ("malformed", cfg.malformed_rate), ("empty", cfg.empty_choices_rate),
+                               ("reset", cfg.reset_rate)):
                 edge += rate
                 if rate > 0 and u < edge:
                     outcome = name
@@ -909,14 +1083,52 @@ class FakeLLMServer:
             latency = rng.expovariate(1.0 / cfg.latency_s)
         return outcome, status, max(0.0, latency)
 
-    def _rate_limited(self, kind: str, cfg: FakeServerConfig, wait: float) -> web.Response:
+    def _rate_limited(self, kind: str, cfg: FakeServerConfig, wait: float,
+                      limit_headers: dict[str, str] | None = None) -> web.Response:
         advise = cfg.retry_after_s if cfg.retry_after_s is not None else wait
-        headers = {
-            "retry-after": str(max(0, math.ceil(advise))),
-            "retry-after-ms": str(max(0, int(round(advise * 1000)))),
-        }
+        headers = {**(limit_headers or {}), **retry_after_headers(advise, cfg)}
         msg = f"fake server: rate limit reached; retry after {advise:.3f}s"
         return web.json_response(_error_body(kind, 429, msg), status=429, headers=headers)
+
+    def _limit_headers(self, kind: str, cfg: FakeServerConfig) -> dict[str, str]:
+        if not cfg.rate_limit_headers:
+            return {}
+        with self._lock:
+            now = time.monotonic()
+            parts = [(dim, lim, adv) for dim, lim, adv in (("requests", self._rpm, cfg.advertised_rpm or cfg.rpm),
+                                                          ("tokens", self._tpm, cfg.advertised_tpm or cfg.tpm))
+                     if lim is not None and adv]
+            state = [(dim, adv, lim.remaining_per_minute(now), lim.reset_s(now)) for dim, lim, adv in parts]
+        return rate_limit_headers(kind, state)
+
+    @staticmethod
+    def _reset_connection(request: web.Request) -> web.Response:
+        """Close the connection without an answer (the client sees a connection error)."""
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return web.Response(status=500)  # never reaches the client
+
+    async def _trickle(self, request: web.Request, payload: dict, headers: dict[str, str],
+                       seconds: float) -> web.StreamResponse:
+        """Send the body in ten chunks spread over ``seconds`` (a slow, trickling answer)."""
+        body = json.dumps(payload).encode()
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.content_type = "application/json"
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        step = max(1, len(body) // 10)
+        for i in range(0, len(body), step):
+            await resp.write(body[i:i + step])
+            if i + step < len(body):
+                assert self._stopping is not None
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=seconds / 10)
+                except asyncio.TimeoutError:
+                    pass
+        self._count("trickled")
+        await resp.write_eof()
+        return resp
 
     @staticmethod
     def _openai_body(n: int, model: str, text: str, prompt: int, completion: int, empty: bool) -> dict:
