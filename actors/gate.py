@@ -27,6 +27,12 @@ class GateActor:
     async def record(self, delta: dict) -> dict:
         return self.keeper.record(delta)
 
+    async def halt(self, provider: str, message: str) -> bool:
+        return self.keeper.halt(provider, message)
+
+    async def learn(self, provider: str, choices: dict) -> bool:
+        return self.keeper.learn(provider, choices)
+
     async def ledger(self) -> dict:
         return self.keeper.ledger_dict()
 
@@ -53,3 +59,9 @@ class RayGate:
 
     async def record(self, delta):
         return await self.handle.record.remote(delta)
+
+    async def halt(self, provider, message):
+        return await self.handle.halt.remote(provider, message)
+
+    async def learn(self, provider, choices):
+        return await self.handle.learn.remote(provider, choices)

@@ -133,6 +133,10 @@ class Gatekeeper:
         self._changed: asyncio.Event | None = None
         self.lease_s = lease_s
         self.stopped_reason: str | None = None
+        # what one actor found, shared with the others through record(): providers halted by the
+        # fail-fast rule, and capability choices (structured_output ...) a provider switched to
+        self.halted: dict[str, str] = {}
+        self.learned: dict[str, dict[str, str]] = {}
 
     # ---- helpers --------------------------------------------------------------------------------
     def _event(self) -> asyncio.Event:
@@ -247,7 +251,26 @@ class Gatekeeper:
         stop = self.budget_usd is not None and self.ledger.dollars >= self.budget_usd
         if stop and not self.stopped_reason:
             self.stopped_reason = f"budget of ${self.budget_usd:.4f} reached (spent ${self.ledger.dollars:.4f})"
-        return {"dollars": self.ledger.dollars, "stop": stop}
+        out: dict[str, Any] = {"dollars": self.ledger.dollars, "stop": stop}
+        if self.halted:
+            out["halted"] = dict(self.halted)
+        if self.learned:
+            out["learned"] = {k: dict(v) for k, v in self.learned.items()}
+        return out
+
+    def halt(self, provider: str, message: str) -> bool:
+        """An actor's fail-fast rule halted ``provider``; True when it is the first to say so."""
+        if provider in self.halted:
+            return False
+        self.halted[provider] = message
+        return True
+
+    def learn(self, provider: str, choices: dict[str, str]) -> bool:
+        """An actor's provider switched capabilities; True when these choices are news for the job."""
+        if self.learned.get(provider) == choices:
+            return False
+        self.learned[provider] = dict(choices)
+        return True
 
     def ledger_dict(self) -> dict[str, Any]:
         return self.ledger.to_dict()
@@ -256,6 +279,8 @@ class Gatekeeper:
         now = _now() if _has_loop() else 0.0
         return {
             n: {
+                "halted": self.halted.get(n),
+                "choices": self.learned.get(n),
                 "inflight": len(s.inflight),
                 "granted": s.granted,
                 "paused": s.paused_until > now,

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 
 from .config import JudgeConfig
-from .errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
+from .errors import ParseError, StopJob, ProviderError, RetriesExhausted
 from .prompts.judge import PAIR_MAX, PAIR_MIN, build_judge_request, question_text
 from .providers.base import parse_json_reply
 from .rating import _THINK, _clean, _in_range, run_bounded
@@ -255,7 +255,7 @@ class Judge:
             req = build_judge_request(question, first, second, self.config.max_tokens, sample_index=ask)
             try:
                 comp = await self.client.complete(req)
-            except BudgetExceeded:
+            except StopJob:  # the budget, or a halted provider: the job stops
                 raise
             except RetriesExhausted as e:
                 out.update(reason=str(e), attempts=out["attempts"] + e.attempts)

@@ -27,7 +27,7 @@ import re
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from .config import RateConfig
-from .errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
+from .errors import BudgetExceeded, ParseError, StopJob, ProviderError, RetriesExhausted
 from .prompts.rating import SCORE_MAX, SCORE_MIN, build_rating_request
 from .providers.base import parse_json_reply
 from .schema import result_row
@@ -151,7 +151,7 @@ async def run_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], concu
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(e, BudgetExceeded):
+        if isinstance(e, StopJob):
             e.finished = [r for r, d in zip(results, done) if d]
         raise
     return results
@@ -184,7 +184,7 @@ class Rater:
         for ask in range(self.config.parse_retries + 1):
             try:
                 comp = await self.client.complete(self.request(row, sample_index=ask))
-            except BudgetExceeded:
+            except StopJob:  # the budget, or a halted provider: the job stops
                 raise
             except RetriesExhausted as e:
                 return result_row(row, status="failed", reason=str(e), attempts=attempts + e.attempts,
