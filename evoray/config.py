@@ -213,6 +213,10 @@ class JudgeConfig(Base):
     answers_b: str | None = Field(None, description="answers of model B")
     test_sets: list[str] = Field(default_factory=list, description="test-set names to report separately (default: the source of each row)")
     max_tokens: int = Field(256, ge=8, description="max tokens of a judge reply")
+    json_output: bool = Field(
+        False, description="ask for the verdict as a JSON object {score_1, score_2, explanation} (schema-constrained "
+                           "where the provider supports it) instead of the paper's two scores on the first line; "
+                           "helps small local models")
 
 
 class AnswerConfig(Base):

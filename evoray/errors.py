@@ -154,11 +154,16 @@ class RetriesExhausted(EvorayError):
 
 
 class ParseError(EvorayError):
-    """A model reply could not be parsed into what was asked for (kept with the raw text)."""
+    """A model reply could not be parsed into what was asked for (kept with the raw text).
 
-    def __init__(self, message: str, raw: str = ""):
+    ``kind`` says which: ``unparseable`` (no score where one belongs) or ``out_of_range`` (a number
+    was found where the score belongs, but it is not on the asked scale: 9.5 on 0-5, 4.5/10).
+    """
+
+    def __init__(self, message: str, raw: str = "", kind: str = "unparseable"):
         super().__init__(message)
         self.raw = raw
+        self.kind = kind
 
 
 EXIT_CODES = {"ok": 0, "failed": 1, "usage": 2, "budget": 3}
