@@ -2,7 +2,8 @@
 
 ``LLMClient.complete(request)`` for a role:
 
-1. looks the request up in the response cache under each of the role's providers (kind + model);
+1. looks the request up in the response cache under each of the role's providers (the answers'
+   source, kind, model, and how the provider would send the schema now: see :mod:`evoray.cache`);
    a hit returns at once and is counted in the ledger as a cache hit;
 2. asks the gate for a permit (the gate picks the provider by weight and free headroom, honours
    429 pauses and cool-downs, and enforces rpm / tpm / max_concurrency for the whole job);

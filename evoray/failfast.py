@@ -31,10 +31,16 @@ DETERMINISTIC_KINDS = frozenset({"client", "validation", "refused", "dns", "tls"
 
 #: failures that belong to one row's content, not to the provider's configuration
 _ROW_SPECIFIC = re.compile(
-    r"context.length|context.window|maximum context|too long|too many tokens|exceeds? (?:the )?(?:context|maximum)|"
+    r"context.length|context.window|context.size|maximum context|too long|too many tokens|"
+    r"exceeds? (?:the )?(?:available )?(?:context|maximum)|"
     r"content.(?:policy|filter|management)|flagged|safety system",
     re.I,
 )
+
+
+def row_specific(detail: str) -> bool:
+    """The message is about one row's content (its length, a content filter), not the configuration."""
+    return bool(_ROW_SPECIFIC.search(detail or ""))
 
 
 def signature(error: Any) -> str | None:
@@ -46,7 +52,7 @@ def signature(error: Any) -> str | None:
     if kind == "client" and (status is None or status in (408, 409, 429)):
         return None
     detail = str(getattr(error, "detail", "") or "")
-    if _ROW_SPECIFIC.search(detail):
+    if row_specific(detail):
         return None
     norm = re.sub(r"\d+", "#", detail)
     norm = re.sub(r"\s+", " ", norm).strip()[:200]
@@ -131,4 +137,4 @@ def halt_message(error: Any, config: Any, how: str, attempts: int) -> str:
             f"Finished rows are kept; fix the config and run the same command again to resume.")
 
 
-__all__ = ["DETERMINISTIC_KINDS", "FailFast", "halt_message", "hint", "signature"]
+__all__ = ["DETERMINISTIC_KINDS", "FailFast", "halt_message", "hint", "row_specific", "signature"]

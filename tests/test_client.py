@@ -271,3 +271,16 @@ def test_another_actors_halt_reaches_this_client_through_the_gate():
     with pytest.raises(ProviderHalted):
         asyncio.run(c2.complete(REQ))
     assert p2.history == []
+
+
+def test_a_long_row_is_not_taken_for_a_capability_or_a_broken_provider():
+    from evoray.providers.openai_provider import OpenAIProvider
+
+    p = OpenAIProvider(ProviderConfig(name="o", kind="openai", base_url="http://h/v1"), environ={"OPENAI_API_KEY": "k"})
+    r = Request(messages=[{"role": "user", "content": "x"}], json_schema={"type": "object"})
+    too_long = perr("client", 400, "the request exceeds the available context size, try increasing it")
+    assert p.adapt(too_long, p.wire_state(r), r) is None and p.choices["structured_output"] == "json_schema"
+    assert signature(too_long) is None
+    # a bare 400 that names nothing is taken as the server refusing the schema
+    assert p.adapt(perr("client", 400, "Bad Request"), p.wire_state(r), r)
+    assert p.choices["structured_output"] == "json_object"

@@ -141,8 +141,12 @@ _NAMES_SEED = re.compile(r"(?s)" + _REFUSES + r".*\bseed\b", re.I)
 def _capability_complaint(error: Any) -> bool:
     """The failure is the server refusing the request's shape: a 400/404/405/415/422 or a 5xx whose
     body is a validation message (``kind`` validation). Not a key, rate-limit or overload error."""
+    from ..failfast import row_specific
+
     status = getattr(error, "status", None)
     kind = getattr(error, "kind", "")
+    if row_specific(str(getattr(error, "detail", "") or "")):
+        return False  # a prompt longer than the context, a content filter: this row, not the request's shape
     return kind == "validation" or (kind == "client" and status in (400, 404, 405, 415, 422))
 
 
