@@ -14,6 +14,7 @@ import asyncio
 
 import ray
 
+from evoray.errors import ProviderHalted
 from evoray.evolution.methods import Method
 from evoray.evolution.optimizer import EvalResult, evaluate_method
 
@@ -27,7 +28,10 @@ class CandidateActor:
         self.node_id = ray.get_runtime_context().get_node_id()
 
     async def evaluate(self, method: dict, dev_rows: list[dict]) -> dict:
-        res = await evaluate_method(self.clients["evol"], Method(**method), dev_rows, self.config.evolve)
+        try:
+            res = await evaluate_method(self.clients["evol"], Method(**method), dev_rows, self.config.evolve)
+        except ProviderHalted as e:  # back to the driver as data, re-raised there as the typed error
+            return {"halted": str(e), "provider": e.provider}
         await self.clients["evol"].flush(force=True)
         out = res.to_dict()
         out["node_id"] = self.node_id
@@ -48,6 +52,9 @@ class CandidatePool:
     async def evaluate(self, methods: list[Method], dev_rows: list[dict]) -> list[EvalResult]:
         refs = [self.actors[i % len(self.actors)].evaluate.remote(m.to_dict(), dev_rows) for i, m in enumerate(methods)]
         outs = await asyncio.gather(*refs)
+        for o in outs:
+            if "halted" in o:
+                raise ProviderHalted(f"[optimize] {o['halted']}", provider=o.get("provider", "?"))
         results = []
         for o in outs:
             self.nodes.add(o.pop("node_id", "?"))

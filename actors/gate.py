@@ -57,6 +57,12 @@ class GateActor:
     async def drop_slot(self, provider: str, slot: int) -> None:
         self.keeper.drop_slot(provider, slot)
 
+    async def halt(self, provider: str, message: str) -> bool:
+        return self.keeper.halt(provider, message)
+
+    async def learn(self, provider: str, choices: dict) -> bool:
+        return self.keeper.learn(provider, choices)
+
     async def ledger(self) -> dict:
         return self.keeper.ledger_dict()
 
@@ -212,6 +218,12 @@ class RayJobLink:
 
     def known_stop(self):
         return self._stop
+
+    async def halt(self, provider, message):
+        return await self.handle.halt.remote(provider, message)
+
+    async def learn(self, provider, choices):
+        return await self.handle.learn.remote(provider, choices)
 
 
 def ray_client_gate(config: JobConfig, job_handle, job_id: str, environ: dict | None = None) -> ClientGate:

@@ -21,7 +21,7 @@ from typing import AsyncIterator
 import pyarrow as pa
 
 from evoray.config import JobConfig
-from evoray.errors import BudgetExceeded
+from evoray.errors import HALTED_PREFIX, BudgetExceeded, ProviderHalted
 from evoray.raydata import POS
 from evoray.schema import RESULT_SCHEMA, result_row
 from evoray.workers import lookup
@@ -76,6 +76,9 @@ class StageUDF:
                 out = await self.work(row)
             except BudgetExceeded:
                 out = result_row(row, status="failed", reason="budget_exceeded: the job's budget was reached before this row")
+            except ProviderHalted as e:
+                # the driver stops the stage on the first row it sees with this reason (see jobs.run_pool_stage)
+                out = result_row(row, status="failed", reason=f"{HALTED_PREFIX}{e}")
             meta_extra = {"node_id": self.node_id, "actor_id": self.actor_id}
             out.setdefault("_worker", json.dumps(meta_extra))
             out[POS] = pos

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .client import LLMClient
 from .config import AnswerConfig
-from .errors import BudgetExceeded, EvorayError
+from .errors import StopJob, EvorayError
 from .providers.base import Request
 from .schema import result_row
 
@@ -23,7 +23,7 @@ class Answerer:
     async def answer(self, row: dict) -> dict:
         try:
             comp = await self.client.complete(answer_request(row, self.config))
-        except BudgetExceeded:
+        except StopJob:  # the budget, or a halted provider: the job stops
             raise
         except EvorayError as e:
             return result_row(row, status="failed", reason=str(e), attempts=getattr(e, "attempts", None))

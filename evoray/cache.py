@@ -6,9 +6,16 @@ shares it across nodes. When nodes do not share a disk each node has its own cac
 request is a hit only on the node that answered it first; set ``cache.dir`` to a shared path to
 get hits on every node.
 
-The key hashes only what changes the answer: provider kind, model, messages, temperature, top_p,
-max_tokens, seed, JSON schema and the sample index (so m samples at temperature > 0 stay
-distinct). Never keys, base URLs, batch sizes or concurrency.
+The key hashes what changes the answer: the answer's source, provider kind, model, messages,
+temperature, top_p, max_tokens, seed, JSON schema, how the schema reached the server (json_schema,
+json_object or only the prompt: a provider with ``structured_output: auto`` may change mode
+mid-job, and the replies differ) and the sample index (so m samples at temperature > 0 stay
+distinct). Never keys, batch sizes or concurrency.
+
+The source is the provider's ``cache_namespace`` when set, else its ``base_url`` (normalised: the
+scheme and host in lower case, no trailing slash), else the SDK's default endpoint. So a config
+pointed at another server never gets the first server's answers from the cache; entries that
+really serve the same model under different URLs share answers by naming one ``cache_namespace``.
 """
 
 from __future__ import annotations
@@ -28,9 +35,12 @@ def default_cache_dir() -> Path:
     return Path(base) / ("" if os.environ.get("EVORAY_CACHE_DIR") else "evoray")
 
 
-def cache_key(kind: str, model: str, request: Request) -> str:
+def cache_key(kind: str, model: str, request: Request, source: str | None = None, variant: str | None = None) -> str:
+    """The key of one request's answer (see the module docstring for what goes in)."""
     payload = {
-        "v": 1,
+        "v": 2,
+        "source": source,
+        "variant": variant,
         "kind": kind,
         "model": model,
         "messages": request.messages,

@@ -71,6 +71,34 @@ class ProviderConfig(Base):
     backoff_max_s: float = Field(60.0, ge=0, description="largest backoff delay")
     cooldown_s: float = Field(30.0, ge=0, description="how long a provider that keeps failing is taken out")
     failures_before_cooldown: int = Field(3, ge=1, description="consecutive failed requests that start a cool-down")
+    structured_output: Literal["auto", "json_schema", "json_object", "none"] = Field(
+        "auto",
+        description="how a JSON schema is sent: json_schema (OpenAI's response_format, also vLLM, llama.cpp's "
+                    "llama-server, Ollama), json_object with the schema beside it (llama-cpp-python's server, "
+                    "llama.cpp), none (the prompt asks for JSON and the reply is parsed leniently); auto starts with "
+                    "json_schema and falls back once, for the rest of the job, when the server rejects it "
+                    "(kind anthropic: json_schema or none)")
+    max_tokens_field: Literal["auto", "max_tokens", "max_completion_tokens"] = Field(
+        "auto",
+        description="kind openai: the request field for the reply's token limit; auto sends max_tokens (read by "
+                    "every OpenAI-compatible server) and switches to max_completion_tokens when the server rejects "
+                    "max_tokens (OpenAI's reasoning models)")
+    send_seed: Literal["auto", "send", "omit"] = Field(
+        "auto", description="kind openai: send a request's seed; auto sends it and omits it for the rest of the job "
+                            "when the server rejects the field")
+    cache_namespace: str | None = Field(
+        None,
+        description="the answers' source in the cache key, instead of base_url: give two entries the same "
+                    "namespace to share cached answers across URLs that serve the same model; by default a "
+                    "different base_url never reuses another's answers")
+    fail_fast_after: int = Field(
+        3, ge=0,
+        description="stop the stage (exit 1) when this provider's first N attempts all fail with the same "
+                    "deterministic error (refused connection, unknown host, TLS, a 4xx or a validation body); 0 = off")
+    fail_fast_window: int = Field(
+        20, ge=0,
+        description="stop the stage when this provider's last N attempts all fail with the same deterministic "
+                    "error, later in a job; 0 = off")
     http_client: Literal["aiohttp", "httpx"] = Field(
         "aiohttp",
         description="kinds openai/anthropic: the SDK's HTTP transport; aiohttp (the SDKs' DefaultAioHttpClient) "
@@ -88,6 +116,8 @@ class ProviderConfig(Base):
     def _check(self):
         if self.kind == "local" and self.base_url:
             raise ValueError("base_url is for kind openai/anthropic, not local")
+        if self.kind == "anthropic" and self.structured_output == "json_object":
+            raise ValueError("kind anthropic has no json_object mode: use structured_output auto, json_schema or none")
         return self
 
     @property
@@ -199,6 +229,10 @@ class JudgeConfig(Base):
     answers_b: str | None = Field(None, description="answers of model B")
     test_sets: list[str] = Field(default_factory=list, description="test-set names to report separately (default: the source of each row)")
     max_tokens: int = Field(256, ge=8, description="max tokens of a judge reply")
+    json_output: bool = Field(
+        False, description="ask for the verdict as a JSON object {score_1, score_2, explanation} (schema-constrained "
+                           "where the provider supports it) instead of the paper's two scores on the first line; "
+                           "helps small local models")
 
 
 class AnswerConfig(Base):

@@ -63,10 +63,39 @@ class MissingKeyError(UsageError):
         self.env_var = env_var
 
 
-class BudgetExceeded(EvorayError):
+class StopJob(EvorayError):
+    """The job must stop (not just this row): the budget is spent or a provider is unusable.
+
+    Row workers let it through instead of filing a failed row; finished rows are kept.
+    """
+
+
+class BudgetExceeded(StopJob):
     """The job's spend reached ``budget_usd``: exit code 3, finished rows are kept."""
 
     exit_code = 3
+
+
+#: the ``reason`` prefix of a row a pool actor could not do because its provider was halted; the
+#: driver stops the stage on the first such row (a picklable string crosses Ray where a live
+#: exception in a row would not)
+HALTED_PREFIX = "provider_halted: "
+
+
+class ProviderHalted(StopJob):
+    """A provider failed the same way every time (a wrong URL, key, model or setting): exit code 1.
+
+    Raised by the retry layer (:mod:`evoray.client`) once the fail-fast rule has seen a provider's
+    first ``fail_fast_after`` attempts, or its last ``fail_fast_window`` attempts, all fail with one
+    deterministic error. The message quotes the server's error, names the provider and the config
+    key that most likely fixes it.
+    """
+
+    def __init__(self, message: str, provider: str = "?", signature: str | None = None, hint: str | None = None):
+        super().__init__(message)
+        self.provider = provider
+        self.signature = signature
+        self.hint = hint
 
 
 class ProviderError(EvorayError):
@@ -98,8 +127,24 @@ class ProviderError(EvorayError):
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
-        self.kind = kind  # "rate_limit", "server", "timeout", "connection", "malformed", "client"
+        self.kind = kind  # one of KINDS below
         self.limits = limits  # rate-limit headers of the reply (providers.base.rate_limit_info), if any
+        self.detail = message  # the server's own words (or ours for transport failures), without the prefix
+
+    #: what happened, by ``kind``: an HTTP status class, or a transport failure named for its cause
+    KINDS = {
+        "rate_limit": "HTTP 429: the provider's rate limit",
+        "server": "HTTP 5xx: a server-side failure (overload, crash); retried",
+        "validation": "the server rejected the request's shape (a 4xx, or a 5xx whose body is a validation error)",
+        "client": "HTTP 4xx: the request was refused (key, model, path, parameters)",
+        "refused": "connection refused: nothing listens at base_url's host and port",
+        "dns": "DNS lookup failed: base_url's host name does not resolve",
+        "tls": "TLS handshake failed: https to a plain-http port, or a certificate problem",
+        "timeout": "no answer within timeout_s",
+        "reset": "the connection was closed or reset before a complete answer",
+        "connection": "another connection failure",
+        "malformed": "the reply was not a valid answer body",
+    }
 
 
 class RetriesExhausted(EvorayError):
@@ -112,11 +157,16 @@ class RetriesExhausted(EvorayError):
 
 
 class ParseError(EvorayError):
-    """A model reply could not be parsed into what was asked for (kept with the raw text)."""
+    """A model reply could not be parsed into what was asked for (kept with the raw text).
 
-    def __init__(self, message: str, raw: str = ""):
+    ``kind`` says which: ``unparseable`` (no score where one belongs) or ``out_of_range`` (a number
+    was found where the score belongs, but it is not on the asked scale: 9.5 on 0-5, 4.5/10).
+    """
+
+    def __init__(self, message: str, raw: str = "", kind: str = "unparseable"):
         super().__init__(message)
         self.raw = raw
+        self.kind = kind
 
 
 EXIT_CODES = {"ok": 0, "failed": 1, "usage": 2, "budget": 3}

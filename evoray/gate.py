@@ -91,6 +91,10 @@ class Gatekeeper:
         self._ids = itertools.count(1)
         self._changed: asyncio.Event | None = None
         self._keys: dict[str, KeyGate] = {}
+        # what one actor found, shared with the others through record(): providers halted by the
+        # fail-fast rule, and capability choices (structured_output ...) a provider switched to
+        self.halted: dict[str, str] = {}
+        self.learned: dict[str, dict[str, str]] = {}
 
     # ---- budget and ledger ------------------------------------------------------------------------
     def stop_reason(self) -> str | None:
@@ -104,8 +108,27 @@ class Gatekeeper:
         if delta:
             self.ledger.merge(delta)
         reason = self.stop_reason()
-        return {"dollars": self.ledger.dollars, "stop": reason is not None, "reason": reason,
-                "cooling": self.cooling()}
+        out: dict[str, Any] = {"dollars": self.ledger.dollars, "stop": reason is not None, "reason": reason,
+                               "cooling": self.cooling()}
+        if self.halted:
+            out["halted"] = dict(self.halted)
+        if self.learned:
+            out["learned"] = {k: dict(v) for k, v in self.learned.items()}
+        return out
+
+    def halt(self, provider: str, message: str) -> bool:
+        """An actor's fail-fast rule halted ``provider``; True when it is the first to say so."""
+        if provider in self.halted:
+            return False
+        self.halted[provider] = message
+        return True
+
+    def learn(self, provider: str, choices: dict[str, str]) -> bool:
+        """An actor's provider switched capabilities; True when these choices are news for the job."""
+        if self.learned.get(provider) == choices:
+            return False
+        self.learned[provider] = dict(choices)
+        return True
 
     def ledger_dict(self) -> dict[str, Any]:
         return self.ledger.to_dict()
@@ -186,7 +209,8 @@ class Gatekeeper:
 
     def status(self) -> dict[str, Any]:
         cool = self.cooling()
-        return {n: {"inflight": len(self.slots[n]), "cooling": n in cool, "cooldowns": self.cooldowns[n]}
+        return {n: {"inflight": len(self.slots[n]), "cooling": n in cool, "cooldowns": self.cooldowns[n],
+                    "halted": self.halted.get(n), "choices": self.learned.get(n)}
                 for n in self.configs}
 
 
@@ -206,6 +230,8 @@ class JobLink(Protocol):
     async def take_slot(self, provider: str) -> int: ...
     def drop_slot(self, provider: str, slot: int) -> None: ...
     def known_stop(self) -> str | None: ...
+    async def halt(self, provider: str, message: str) -> bool: ...
+    async def learn(self, provider: str, choices: dict) -> bool: ...
 
 
 class LocalJobLink:
@@ -226,6 +252,12 @@ class LocalJobLink:
 
     def known_stop(self):
         return self.keeper.stop_reason()
+
+    async def halt(self, provider, message):
+        return self.keeper.halt(provider, message)
+
+    async def learn(self, provider, choices):
+        return self.keeper.learn(provider, choices)
 
 
 class ClientGate:
@@ -322,6 +354,14 @@ class ClientGate:
                 self.failures[provider] = 0
                 left = await self.job.cool_down(provider)
                 self.cooling_until[provider] = _now() + left
+
+    async def halt(self, provider: str, message: str) -> bool:
+        """Tell the job a provider was halted by the fail-fast rule (True: news for the job)."""
+        return bool(await self.job.halt(provider, message))
+
+    async def learn(self, provider: str, choices: dict) -> bool:
+        """Tell the job a provider switched capabilities (True: news for the job)."""
+        return bool(await self.job.learn(provider, choices))
 
     async def record(self, delta: dict) -> dict:
         for pool in self.pools.values():

@@ -8,7 +8,12 @@ response cache makes already-answered requests free. Tables are written under te
 renamed when complete, so a crash never leaves a table a re-run would trust.
 
 When the job's budget is reached, the rows finished so far are written, ``_STOPPED.json`` says
-why, and :class:`~evoray.errors.BudgetExceeded` ends the job (exit code 3).
+why, and :class:`~evoray.errors.BudgetExceeded` ends the job (exit code 3). When a provider is
+halted by the fail-fast rule (:mod:`evoray.failfast`), pool actors file the rows they cannot do with
+a ``provider_halted:`` reason; the driver stops reading the pool at the first such row, writes the
+rows finished so far, and :class:`~evoray.errors.ProviderHalted` ends the job (exit code 1) with
+the server's error and the config key that likely fixes it. A re-run resumes: the stage has no
+``_SUCCESS.json``, and the answers already received come from the response cache.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import JobConfig
-from .errors import BudgetExceeded, InputError, UsageError
+from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
 from .raydata import POS, canonicalize, parquet_row_bytes
@@ -203,18 +208,25 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     duplicates = 0
     nodes: set[str] = set()
     seen = SeenRows(total)  # one bit per input row
+    halted: str | None = None  # the first provider_halted reason: the stage stops after this batch
     ok = False
+    batches = None
     try:
         ds = session.dataset_from_parquet(str(input_path))
-        for batch in session.run_pool(worker, ds, n_actors, extra, total_rows=total,
-                                       row_bytes=parquet_row_bytes(input_path)):
+        batches = session.run_pool(worker, ds, n_actors, extra, total_rows=total, row_bytes=parquet_row_bytes(input_path))
+        for batch in batches:
             status = batch.column("status").to_pylist()
             reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
             if POS not in batch.column_names:
                 raise RuntimeError(f"stage {stage}: pool output without the {POS} column")
             keys = batch.column(POS).to_pylist()
-            done = [not (s_ == "failed" and (r_ or "").startswith("budget_exceeded")) for s_, r_ in zip(status, reasons)]
-            budget_stopped += done.count(False)
+            if halted is None:
+                halted = next((r_[len(HALTED_PREFIX):] for s_, r_ in zip(status, reasons)
+                               if s_ == "failed" and (r_ or "").startswith(HALTED_PREFIX)), None)
+            done = [not (s_ == "failed" and (r_ or "").startswith(("budget_exceeded", HALTED_PREFIX)))
+                    for s_, r_ in zip(status, reasons)]
+            budget_stopped += sum(1 for s_, r_ in zip(status, reasons)
+                                  if s_ == "failed" and (r_ or "").startswith("budget_exceeded"))
             # a retried task may repeat a row: each input row lands once
             fresh = iter(seen.add_new(k_ for k_, d in zip(keys, done) if d))
             keep = [d and next(fresh) for d in done]
@@ -239,8 +251,12 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
             if unknown:
                 raise RuntimeError(f"stage {stage}: rows with unexpected status {sorted(unknown)}")
             prog.update(done=batch.num_rows, failed=n_failed)
+            if halted is not None:
+                break  # stop reading the pool: every further row would fail the same way
         ok = True
     finally:
+        if batches is not None and hasattr(batches, "close"):
+            batches.close()  # a stage stopped early shuts its Ray Data execution down here
         prog.close()
         if ok:
             for s in sinks.values():
@@ -254,6 +270,12 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     counts["duplicates_dropped"] = duplicates
     counts["nodes"] = len(nodes)
     (outdir / "_nodes.json").write_text(json.dumps(sorted(nodes)))
+    if halted is not None:
+        counts["not_done"] = total - len(seen)
+        (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "provider_halted", "message": halted,
+                                                  "counts": counts}, indent=2))
+        write_ledger(ctx, outdir)
+        raise ProviderHalted(f"[{stage}] {halted}")
     return counts
 
 

@@ -17,9 +17,13 @@ lose       lose        Lose
 
 Winning score = (#Win - #Lose) / N + 1, from 0 (A always loses) to 2 (A always wins).
 
-A reply whose two scores cannot be read is asked again (``parse_retries`` times); after that the
-judgment's result is ``failed`` with its reason and the raw replies - never a guessed result.
-Failed judgments are counted separately and are not part of N.
+A reply whose two scores cannot be read is asked again (``parse_retries`` times), each time
+differently: the second ask is the JSON fallback (the verdict as a schema-constrained JSON object)
+when the first was a text ask and the provider takes a schema, later asks a repair turn that quotes
+the reply and says what was wrong. After that the judgment's result is ``failed`` with its reason
+(``unparseable reply``, or ``scores out of range: ...`` when numbers were there but not on 1-10)
+and the raw replies - never a guessed result. Failed judgments are counted separately and are not
+part of N. ``judge.json_output`` asks for the JSON object from the first ask.
 
 What :func:`parse_pair` accepts on the reply's start (and nothing else):
 
@@ -42,10 +46,10 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 
 from .config import JudgeConfig
-from .errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
-from .prompts.judge import PAIR_MAX, PAIR_MIN, build_judge_request, question_text
+from .errors import ParseError, StopJob, ProviderError, RetriesExhausted
+from .prompts.judge import PAIR_MAX, PAIR_MIN, build_judge_repair_request, build_judge_request, question_text
 from .providers.base import parse_json_reply
-from .rating import _THINK, _clean, _in_range, run_bounded
+from .rating import _THINK, _clean, _in_range, _number, run_bounded
 from .schema import make_id
 
 OUTCOMES = ("win", "tie", "lose")
@@ -61,8 +65,25 @@ _LABEL = re.compile(
 )
 
 
+_PAIR_JSON_HEAD = re.compile(
+    rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score_1"\s*:\s*"?(?P<a>-?{_NUM})"?\s*,\s*"score_2"\s*:\s*"?(?P<b>-?{_NUM})"?\s*[,}}]',
+    re.I)
+
+
 def _pair_score(value: Any) -> float | None:
     return _in_range(value, PAIR_MIN, PAIR_MAX)
+
+
+def _both(a: Any, b: Any, what: str, raw: str) -> tuple[float, float]:
+    """Both scores, or ParseError: ``unparseable`` when one is not a number, ``out_of_range`` when
+    a number is off the 1-10 scale."""
+    n1, n2 = _number(a), _number(b)
+    if n1 is None or n2 is None:
+        raise ParseError(f"{what} {a!r}, {b!r} are not both numbers", raw=raw)
+    s1, s2 = _pair_score(n1), _pair_score(n2)
+    if s1 is None or s2 is None:
+        raise ParseError(f"{what} {n1:g}, {n2:g} are not both on the 1-10 scale", raw=raw, kind="out_of_range")
+    return s1, s2
 
 
 def _pair_from_object(obj: Any, raw: str) -> tuple[float, float]:
@@ -78,10 +99,7 @@ def _pair_from_object(obj: Any, raw: str) -> tuple[float, float]:
                 break
         else:
             raise ParseError("the JSON reply has no score_1 / score_2", raw=raw)
-    s1, s2 = _pair_score(a), _pair_score(b)
-    if s1 is None or s2 is None:
-        raise ParseError(f"JSON scores {a!r}, {b!r} are not both from 1 to 10", raw=raw)
-    return s1, s2
+    return _both(a, b, "the JSON scores", raw)
 
 
 def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]:
@@ -96,15 +114,15 @@ def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]
         obj = parse_json_reply(body)
         if obj is not None:
             return _pair_from_object(obj, raw)
+        head = _PAIR_JSON_HEAD.match(body)
+        if head:  # cut off after the two scores: the scores themselves are whole
+            return _both(head.group("a"), head.group("b"), "the JSON scores", raw)
         if body.startswith("{"):
             raise ParseError("the reply starts like JSON but is not a JSON object", raw=raw)
     lines = [_clean(ln) for ln in body.splitlines() if ln.strip()]
     m = _PAIR_LINE.match(lines[0])
     if m:
-        s1, s2 = _pair_score(m.group("a")), _pair_score(m.group("b"))
-        if s1 is None or s2 is None:
-            raise ParseError(f"first line {lines[0]!r} does not hold two scores from 1 to 10", raw=raw)
-        return s1, s2
+        return _both(m.group("a"), m.group("b"), "the scores on the first line,", raw)
     found: dict[str, list[str]] = {"1": [], "2": []}
     for line in lines[:3]:
         for lm in _LABEL.finditer(line):
@@ -117,10 +135,7 @@ def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]
     if found["1"] or found["2"]:
         if len(found["1"]) != 1 or len(found["2"]) != 1:
             raise ParseError("the reply does not name exactly one score for each assistant", raw=raw)
-        s1, s2 = _pair_score(found["1"][0]), _pair_score(found["2"][0])
-        if s1 is None or s2 is None:
-            raise ParseError(f"scores {found['1'][0]}, {found['2'][0]} are not both from 1 to 10", raw=raw)
-        return s1, s2
+        return _both(found["1"][0], found["2"][0], "the scores", raw)
     raise ParseError("no pair of scores on the first line", raw=raw)
 
 
@@ -238,24 +253,40 @@ JUDGMENT_SCHEMA = pa.schema([
 class Judge:
     """Judges pair rows with one client; plain class wrapped by the Ray judge actor.
 
-    ``parse_retries``: asks again this many times per order when a reply's scores cannot be read
-    (each ask has its own ``sample_index`` so the cache does not return the same reply).
+    ``parse_retries``: asks again this many times per order when a reply's scores cannot be read,
+    each time differently (see the module docstring). ``json_fallback``: the second ask may be the
+    JSON fallback (pass whether the role's providers take a schema); ``config.json_output`` asks for
+    JSON from the first ask.
     """
 
-    def __init__(self, client: Any, config: JudgeConfig | None = None, parse_retries: int = 2):
+    def __init__(self, client: Any, config: JudgeConfig | None = None, parse_retries: int = 2,
+                 json_fallback: bool = False):
         self.client = client
         self.config = config or JudgeConfig()
         self.parse_retries = parse_retries
+        self.json_fallback = json_fallback
+
+    def request(self, question: str, first: str, second: str, ask: int, previous: tuple[str, ParseError] | None):
+        c = self.config
+        if previous is None:
+            return build_judge_request(question, first, second, c.max_tokens, sample_index=ask,
+                                       json_output=c.json_output)
+        if ask == 1 and not c.json_output and self.json_fallback:
+            return build_judge_request(question, first, second, c.max_tokens, sample_index=ask, json_output=True)
+        reply, problem = previous
+        return build_judge_repair_request(question, first, second, c.max_tokens, reply, problem.message,
+                                          sample_index=ask, json_output=c.json_output or self.json_fallback)
 
     async def _one_order(self, question: str, first: str, second: str) -> dict[str, Any]:
         """Scores of (Assistant 1, Assistant 2) for one order, or the reason it failed."""
         out: dict[str, Any] = {"scores": None, "raw": None, "reason": None, "attempts": 0,
                                "provider": None, "model": None}
+        previous: tuple[str, ParseError] | None = None
         for ask in range(self.parse_retries + 1):
-            req = build_judge_request(question, first, second, self.config.max_tokens, sample_index=ask)
+            req = self.request(question, first, second, ask, previous)
             try:
                 comp = await self.client.complete(req)
-            except BudgetExceeded:
+            except StopJob:  # the budget, or a halted provider: the job stops
                 raise
             except RetriesExhausted as e:
                 out.update(reason=str(e), attempts=out["attempts"] + e.attempts)
@@ -268,9 +299,12 @@ class Judge:
             try:
                 out["scores"] = parse_pair(comp.text, comp.parsed)
                 return out
-            except ParseError:
+            except ParseError as e:
+                previous = (comp.text or "", e)
                 continue
-        out["reason"] = "unparseable reply"
+        last = previous[1] if previous else None
+        out["reason"] = (f"scores out of range: {last.message}" if last is not None and last.kind == "out_of_range"
+                         else "unparseable reply")
         return out
 
     async def judge(self, pair_row: dict[str, Any]) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 The Ray-free core of the rater pool. :class:`Rater` rates one row (``await rater.rate(row)``) or a
 batch with bounded concurrency (``await rater.rate_batch(rows, concurrency)``); the Ray actor in
 ``actors/`` only wraps it. Every input row gives exactly one output row, ``status`` ``scored`` or
-``failed`` (with ``reason``, ``attempts`` and the ``raw`` reply); only :class:`BudgetExceeded`
-escapes, because stopping at the budget is the job's decision, not a row's.
+``failed`` (with ``reason``, ``attempts`` and the ``raw`` reply); only :class:`~evoray.errors.StopJob`
+escapes (the budget is spent, or the provider was halted), because stopping is the job's decision,
+not a row's.
 
 What :func:`parse_score` accepts (and nothing else - no guessing):
 
@@ -15,8 +16,17 @@ What :func:`parse_score` accepts (and nothing else - no guessing):
 3. a labelled score at the start of one of the first two non-empty lines: ``Score: 4.5``,
    ``Rating: 4``, ``Overall score - 4.5/5``, ``Accuracy: 4``.
 
-A number outside 0..5 is not a score (``45``, ``7``, ``4.5/10``). Text further down (an
-explanation that quotes the row's own ``Score: 5``) is never looked at, and ``4.5`` is 4.5.
+A number outside 0..5 is not a score (``45``, ``7``, ``4.5/10``): that reply is *out of range*,
+which is told apart from an *unparseable* one (no score where one belongs) in the error's ``kind``
+and the failed row's reason. Text further down (an explanation that quotes the row's own
+``Score: 5``) is never looked at, and ``4.5`` is 4.5.
+
+Asking again after an unusable reply changes what can help instead of resending the identical
+request (at temperature 0 a deterministic server would repeat itself): the second ask is the JSON
+fallback (the same prompt asking for the JSON object, schema-constrained) when the first was a text
+ask and the provider takes a schema; otherwise, and for later asks, a repair turn: the conversation
+so far, the model's reply, and a short message saying what was wrong with it and the exact form
+wanted.
 """
 
 from __future__ import annotations
@@ -27,8 +37,8 @@ import re
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from .config import RateConfig
-from .errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
-from .prompts.rating import SCORE_MAX, SCORE_MIN, build_rating_request
+from .errors import ParseError, ProviderError, RetriesExhausted, StopJob
+from .prompts.rating import SCORE_MAX, SCORE_MIN, build_rating_request, build_repair_request
 from .providers.base import parse_json_reply
 from .schema import result_row
 
@@ -43,6 +53,7 @@ _LABELLED = re.compile(
     rf"\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?(?P<rest>.*)$",
     re.I,
 )
+_OTHER_SCALE = re.compile(rf"^(?P<n>{_NUM})\s*(?:/|out\s+of)\s*(?P<d>{_NUM})\s*\.?$", re.I)
 _BAD_REST = re.compile(r"^\s*(?:[0-9/%]|\.[0-9]|out\s+of)", re.I)
 _JSON_HEAD = re.compile(rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score"\s*:\s*"?(?P<n>-?{_NUM})"?\s*[,}}]', re.I)
 
@@ -55,29 +66,44 @@ def _clean(line: str) -> str:
     return _TRAIL.sub("", _LEAD.sub("", line))
 
 
-def _in_range(value: Any, lo: float = SCORE_MIN, hi: float = SCORE_MAX) -> float | None:
-    """``value`` as a float when it is a real number within ``lo..hi``; None otherwise."""
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float when it is a real number (or a number written as text); None otherwise."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
         v = value.strip()
-        if not re.fullmatch(_NUM, v):
+        if not re.fullmatch("-?" + _NUM, v):
             return None
         value = float(v)
     if not isinstance(value, (int, float)):
         return None
     f = float(value)
-    if not math.isfinite(f) or f < lo or f > hi:
+    return f if math.isfinite(f) else None
+
+
+def _in_range(value: Any, lo: float = SCORE_MIN, hi: float = SCORE_MAX) -> float | None:
+    """``value`` as a float when it is a real number within ``lo..hi``; None otherwise."""
+    f = _number(value)
+    if f is None or f < lo or f > hi:
         return None
+    return f
+
+
+def _score(value: Any, what: str, raw: str) -> float:
+    """The score in ``value``, or ParseError: ``out_of_range`` for a number off the scale,
+    ``unparseable`` for something that is not a number."""
+    f = _number(value)
+    if f is None:
+        raise ParseError(f"{what} {value!r} is not a number", raw=raw)
+    if not SCORE_MIN <= f <= SCORE_MAX:
+        raise ParseError(f"{what} {f:g} is not on the {SCORE_MIN:g}-{SCORE_MAX:g} scale", raw=raw, kind="out_of_range")
     return f
 
 
 def _from_object(obj: Any, raw: str) -> tuple[float, str]:
     if not isinstance(obj, dict) or "score" not in obj:
         raise ParseError("the JSON reply has no score field", raw=raw)
-    score = _in_range(obj["score"])
-    if score is None:
-        raise ParseError(f"the JSON score {obj['score']!r} is not a number from 0 to 5", raw=raw)
+    score = _score(obj["score"], "the JSON score", raw)
     expl = obj.get("explanation")
     return score, "" if expl is None else str(expl).strip()
 
@@ -96,29 +122,27 @@ def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
             return _from_object(obj, raw)
         head = _JSON_HEAD.match(body)
         if head:  # cut off after the score: the score itself is whole
-            score = _in_range(head.group("n"))
-            if score is None:
-                raise ParseError(f"the JSON score {head.group('n')} is not a number from 0 to 5", raw=raw)
-            return score, ""
+            return _score(head.group("n"), "the JSON score", raw), ""
         if body.startswith("{"):
             raise ParseError("the reply starts like JSON but is not a JSON object with a score", raw=raw)
     lines = [ln for ln in body.splitlines() if ln.strip()]
     first = _clean(lines[0])
     m = _ALONE.match(first)
     if m:
-        score = _in_range(m.group("n"))
-        if score is None:
-            raise ParseError(f"first line {m.group('n')} is not a score from 0 to 5", raw=raw)
+        score = _score(m.group("n"), "the score on the first line,", raw)
         return score, "\n".join(lines[1:]).strip()
+    other = _OTHER_SCALE.match(first)
+    if other:
+        raise ParseError(f"the first line {first[:40]!r} is a score on a 0-{other.group('d')} scale, not 0-5",
+                         raw=raw, kind="out_of_range")
     for i, line in enumerate(lines[:2]):
         m = _LABELLED.match(_clean(line))
         if not m:
             continue
         if _BAD_REST.match(m.group("rest")):
-            raise ParseError(f"line {i + 1} has a score on another scale: {line.strip()!r}", raw=raw)
-        score = _in_range(m.group("n"))
-        if score is None:
-            raise ParseError(f"line {i + 1} has {m.group('n')}, not a score from 0 to 5", raw=raw)
+            raise ParseError(f"line {i + 1} has a score on another scale: {line.strip()[:80]!r}", raw=raw,
+                             kind="out_of_range")
+        score = _score(m.group("n"), f"the score on line {i + 1},", raw)
         after = "\n".join(lines[i + 1 :]).strip()
         rest = m.group("rest").strip().lstrip(".,;:-–— ").strip()
         before = "\n".join(lines[:i]).strip()
@@ -127,11 +151,19 @@ def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
     raise ParseError("no score on the first line and no 'Score: x' in the first two lines", raw=raw)
 
 
+def failure_reason(error: ParseError | None) -> str:
+    """A failed row's reason after the last unusable reply: ``unparseable reply``, or
+    ``score out of range: ...`` naming the number and the scale."""
+    if error is not None and error.kind == "out_of_range":
+        return f"score out of range: {error.message}"
+    return "unparseable reply"
+
+
 async def run_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], concurrency: int) -> list[R]:
     """``[await fn(x) for x in items]`` with at most ``concurrency`` in flight, results in input order.
 
     When one call raises, the calls still running are cancelled and the error propagates. A
-    :class:`BudgetExceeded` carries ``finished``: the results that were complete, in input order.
+    :class:`~evoray.errors.StopJob` carries ``finished``: the results that were complete, in input order.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -151,7 +183,7 @@ async def run_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], concu
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(e, BudgetExceeded):
+        if isinstance(e, StopJob):
             e.finished = [r for r, d in zip(results, done) if d]
         raise
     return results
@@ -161,30 +193,43 @@ class Rater:
     """Rates rows with one client. Plain class: the Ray actor wraps it, tests call it directly.
 
     ``use_schema`` asks for :data:`~evoray.prompts.rating.SCORE_SCHEMA` output; pass
-    ``config.json_scores and <the role's providers support JSON schemas>``.
+    ``config.json_scores and <the role's providers support JSON schemas>``. ``json_fallback``: when
+    asking again after an unusable text reply, ask for the JSON object (schema-constrained) once;
+    pass whether the role's providers take a schema.
 
     ``attempts`` in an output row counts provider calls for that row: the client's retries of each
     ask (a cached answer counts what it cost when it was made), summed over the asks.
     """
 
-    def __init__(self, client: Any, config: RateConfig | None = None, use_schema: bool = False):
+    def __init__(self, client: Any, config: RateConfig | None = None, use_schema: bool = False,
+                 json_fallback: bool = False):
         self.client = client
         self.config = config or RateConfig()
         self.use_schema = use_schema
+        self.json_fallback = json_fallback
 
-    def request(self, row: dict[str, Any], sample_index: int = 0):
+    def request(self, row: dict[str, Any], sample_index: int = 0, previous: tuple[str, ParseError] | None = None):
+        """The ask number ``sample_index``: the rating request, or after an unusable reply
+        (``previous`` = (reply, its ParseError)) the JSON fallback or a repair turn."""
         c = self.config
-        return build_rating_request(row, c.dimension, self.use_schema, c.max_tokens, sample_index=sample_index)
+        if previous is None:
+            return build_rating_request(row, c.dimension, self.use_schema, c.max_tokens, sample_index=sample_index)
+        if sample_index == 1 and not self.use_schema and self.json_fallback:
+            return build_rating_request(row, c.dimension, True, c.max_tokens, sample_index=sample_index)
+        reply, problem = previous
+        return build_repair_request(row, c.dimension, self.use_schema or self.json_fallback, c.max_tokens, reply,
+                                    problem.message, sample_index=sample_index)
 
     async def rate(self, row: dict[str, Any]) -> dict[str, Any]:
         """One result row: status ``scored`` (score, explanation) or ``failed`` (reason, raw)."""
         attempts = 0
         raw: str | None = None
         provider = model = None
+        previous: tuple[str, ParseError] | None = None
         for ask in range(self.config.parse_retries + 1):
             try:
-                comp = await self.client.complete(self.request(row, sample_index=ask))
-            except BudgetExceeded:
+                comp = await self.client.complete(self.request(row, sample_index=ask, previous=previous))
+            except StopJob:  # the budget, or a halted provider: the job stops
                 raise
             except RetriesExhausted as e:
                 return result_row(row, status="failed", reason=str(e), attempts=attempts + e.attempts,
@@ -196,16 +241,17 @@ class Rater:
             raw, provider, model = comp.text, comp.provider, comp.model
             try:
                 score, explanation = parse_score(comp.text, comp.parsed)
-            except ParseError:
+            except ParseError as e:
+                previous = (comp.text or "", e)
                 continue
             return result_row(row, status="scored", score=score, explanation=explanation, provider=provider,
                               model=model, reason=None, attempts=attempts, raw=raw)
-        return result_row(row, status="failed", reason="unparseable reply", attempts=attempts, raw=raw,
-                          provider=provider, model=model, score=None, explanation=None)
+        return result_row(row, status="failed", reason=failure_reason(previous[1] if previous else None),
+                          attempts=attempts, raw=raw, provider=provider, model=model, score=None, explanation=None)
 
     async def rate_batch(self, rows: Sequence[dict[str, Any]], concurrency: int = 16) -> list[dict[str, Any]]:
         """Rate ``rows`` with at most ``concurrency`` requests in flight; output order = input order."""
         return await run_bounded(self.rate, rows, concurrency)
 
 
-__all__ = ["Rater", "parse_score", "run_bounded"]
+__all__ = ["Rater", "failure_reason", "parse_score", "run_bounded"]

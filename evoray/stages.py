@@ -29,7 +29,11 @@ log = logging.getLogger("evoray")
 
 
 def _providers_fp(config: JobConfig, role: str) -> list:
-    return [(p.kind, p.model) for p in config.providers_for(role)]
+    """What identifies a role's answers: kind, model and where they come from (base_url or
+    cache_namespace), so a finished stage is not taken as done for another server."""
+    from .providers import provider_class
+
+    return [(p.kind, p.model, provider_class(p.kind).source_of(p)) for p in config.providers_for(role)]
 
 
 def _say(ctx: JobContext, msg: str) -> None:

@@ -38,7 +38,8 @@ def _supports_schema(clients, role: str) -> bool:
 def _rate(config, clients, extra):
     from .rating import Rater
 
-    rater = Rater(clients["rater"], config.rate, use_schema=config.rate.json_scores and _supports_schema(clients, "rater"))
+    schema = _supports_schema(clients, "rater")
+    rater = Rater(clients["rater"], config.rate, use_schema=config.rate.json_scores and schema, json_fallback=schema)
     return rater.rate
 
 
@@ -65,7 +66,7 @@ def _judge(config, clients, extra):
 
     import pyarrow as pa
 
-    judge = Judge(clients["judge"], config.judge)
+    judge = Judge(clients["judge"], config.judge, json_fallback=_supports_schema(clients, "judge"))
 
     async def work(row):
         out = await judge.judge(row)

@@ -57,3 +57,31 @@ def fake_provider(server, name="fake", **kw) -> dict:
          "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
     d.update(kw)
     return d
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """llama-cpp-python's own OpenAI-compatible server with the shipped SmolLM2 GGUF, one per session.
+
+    Started as ``python -m evoray.testing.llama_server`` (``llama_cpp.server`` with the model loaded
+    without llama.cpp's extra buffers: the plain server crashes on AMX CPUs, see that module) on a
+    free port of 127.0.0.1 with one thread; skipped with the reason when the server extra or the
+    model package is missing.
+    """
+    import importlib.util
+
+    for mod in ("llama_cpp", "fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"llama-cpp-python's server needs {mod}: pip install 'llama-cpp-python[server]'")
+    from evoray.errors import ConfigError
+    from evoray.providers.local import resolve_model_path
+    from evoray.testing.llama_server import LlamaServer
+
+    try:
+        model = resolve_model_path("smollm2-135m")  # found with find_spec, never imported
+    except ConfigError as e:
+        pytest.skip(str(e))
+    log = tmp_path_factory.mktemp("llama-server") / "server.log"
+    srv = LlamaServer(model, n_threads=1, log_path=log).start()
+    yield srv
+    srv.stop()

@@ -550,3 +550,57 @@ def test_strict_options_are_validated():
                 dict(advertised_rpm=-1), dict(reset_rate=2.0)):
         with pytest.raises(ValueError):
             FakeServerConfig(**bad).validate()
+# Server profiles and dead ends
+# ------------------------------------------------------------------------------------------------
+
+from evoray.testing.fake_server import PROFILES, DeadEndServer, unused_port  # noqa: E402
+
+SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "number"}}, "required": ["score"]}
+
+
+def test_llama_cpp_python_profile_rejects_json_schema_with_its_500_validation_body():
+    with FakeLLMServer(FakeServerConfig(profile="llama_cpp_python")) as srv:
+        c = oa(srv)
+        with pytest.raises(openai.InternalServerError) as ei:
+            ask(c, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCORE_SCHEMA}})
+        body = ei.value.body
+        assert ei.value.status_code == 500 and body["type"] == "internal_server_error"
+        assert "literal_error" in body["message"] and "'input': 'json_schema'" in body["message"]
+        # json_object with the schema beside it is what this server turns into a grammar
+        r = ask(c, response_format={"type": "json_object", "schema": SCORE_SCHEMA})
+        assert json.loads(r.choices[0].message.content)["score"] == 4.5
+        assert srv.stats()["profile_rejected"] == 1 and srv.stats()["ok"] == 1
+
+
+def test_profiles_differ_where_the_real_servers_do():
+    with FakeLLMServer(FakeServerConfig(profile="ollama")) as srv:
+        c = oa(srv)
+        # Ollama reads json_schema, and turns json_object into "any JSON" (the schema beside it is ignored)
+        r = ask(c, response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCORE_SCHEMA}})
+        assert "score" in json.loads(r.choices[0].message.content)
+        r = ask(c, response_format={"type": "json_object", "schema": SCORE_SCHEMA})
+        assert "score" not in json.loads(r.choices[0].message.content)
+    with FakeLLMServer(FakeServerConfig(profile="llama_cpp_2024")) as srv:
+        with pytest.raises(openai.InternalServerError) as ei:
+            ask(oa(srv), response_format={"type": "json_schema", "json_schema": {"name": "r", "schema": SCORE_SCHEMA}})
+        assert "must be one of" in ei.value.body["message"]
+    with FakeLLMServer(FakeServerConfig(profile="openai_reasoning")) as srv:
+        with pytest.raises(openai.BadRequestError) as ei:
+            ask(oa(srv), max_tokens=5)
+        assert ei.value.body["param"] == "max_tokens"
+        assert ask(oa(srv), max_completion_tokens=5).choices[0].message.content
+    with pytest.raises(ValueError, match="profile"):
+        FakeServerConfig(profile="nonesuch").validate()
+    assert all(p.source for p in PROFILES.values())
+
+
+def test_dead_end_servers_reset_or_stay_silent():
+    with DeadEndServer("reset") as dead:
+        with pytest.raises(openai.APIConnectionError):
+            ask(_track(openai.OpenAI(base_url=dead.url, api_key=KEY, max_retries=0, timeout=5)))
+        assert dead.connections >= 1
+    with DeadEndServer("silent") as dead:
+        with pytest.raises(openai.APITimeoutError):
+            ask(_track(openai.OpenAI(base_url=dead.url, api_key=KEY, max_retries=0, timeout=0.3)))
+    with pytest.raises(openai.APIConnectionError):
+        ask(_track(openai.OpenAI(base_url=f"http://127.0.0.1:{unused_port()}/v1", api_key=KEY, max_retries=0)))

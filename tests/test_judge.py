@@ -246,3 +246,45 @@ def test_test_set_name():
     assert name_test_set({"source": "wizardlm_test_set.jsonl"}) == "wizardlm"
     assert name_test_set({"test_set": "Vicuna", "source": "z"}) == "Vicuna"
     assert name_test_set({}) == "all"
+
+
+# ---- JSON verdicts, out-of-range scores, asking again differently ----------------------------------------
+
+from evoray.prompts.judge import JUDGE_SCHEMA  # noqa: E402
+
+
+def test_json_output_asks_for_a_schema_constrained_verdict():
+    prov = ScriptedProvider().enqueue({"score_1": 8, "score_2": 6, "explanation": "A better"},
+                                      '{"score_1": 7, "score_2": 9, "explanation": "cut of')
+    out = run(Judge(scripted_client(prov), JudgeConfig(json_output=True)).judge(pair()))
+    assert all(r.json_schema == JUDGE_SCHEMA for r in prov.history)
+    assert '"score_1"' in user_text(prov.history[0]) and "first line holds only" not in user_text(prov.history[0])
+    # the second reply was cut off after its scores: they are whole, so they count
+    assert (out["outcome1"], out["outcome2"], out["result"]) == ("win", "win", "Win")
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("12 7\nbad", "out_of_range"), ("Assistant 1: 0\nAssistant 2: 5", "out_of_range"),
+    ('{"score_1": 11, "score_2": 3, "explanation": "x"}', "out_of_range"),
+    ('{"score_1": "great", "score_2": 3}', "unparseable"), ("A is better", "unparseable")])
+def test_pair_parse_errors_tell_out_of_range_from_unparseable(text, kind):
+    with pytest.raises(ParseError) as e:
+        parse_pair(text)
+    assert e.value.kind == kind
+
+
+def test_judge_out_of_range_is_labelled_and_asks_again_differently():
+    prov = ScriptedProvider().enqueue("8 6", "12 7", "12 7", "12 7")
+    out = run(Judge(scripted_client(prov), parse_retries=2).judge(pair()))
+    assert out["result"] == "failed" and "scores out of range" in out["reason"] and "1-10" in out["reason"]
+    retries = prov.history[2:]
+    assert all([m["role"] for m in r.messages] == ["system", "user", "assistant", "user"] for r in retries)
+    assert "12, 7 are not both on the 1-10 scale" in retries[0].messages[-1]["content"]
+
+
+def test_judge_second_ask_is_the_json_fallback():
+    prov = ScriptedProvider().enqueue("A is better", {"score_1": 8, "score_2": 6, "explanation": "x"}, "7 7")
+    out = run(Judge(scripted_client(prov), json_fallback=True).judge(pair()))
+    assert prov.history[0].json_schema is None and prov.history[1].json_schema == JUDGE_SCHEMA
+    assert prov.history[2].json_schema is None  # order 2 starts with the text ask again
+    assert out["outcome1"] == "win" and out["outcome2"] == "tie"

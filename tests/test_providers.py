@@ -506,3 +506,153 @@ def test_openai_reply_that_is_not_a_chat_completion_is_a_retryable_malformed_err
     with pytest.raises(ProviderError) as e:
         _openai_provider()._completion(raw, wants_json=False)
     assert e.value.kind == "malformed" and e.value.retryable and e.value.provider == "oa"
+
+
+# ---- transport failures named for what happened, on both transports --------------------------------------
+
+from evoray.errors import ProviderHalted  # noqa: E402
+from evoray.testing.fake_server import DeadEndServer, unused_port  # noqa: E402
+
+
+def _transport_cases(srv):
+    return [
+        ("refused", f"http://127.0.0.1:{unused_port()}/v1", "connection refused"),
+        ("dns", "http://no-such-host.invalid/v1", "does not resolve"),
+        ("tls", "https://" + srv.url.removeprefix("http://") + "/v1", "TLS handshake"),
+    ]
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_transport_failures_are_named_on_both_transports(server, http_client):
+    srv = server()
+    for kind, url, words in _transport_cases(srv):
+        p = build_provider(ProviderConfig(name="p", kind="openai", base_url=url, http_client=http_client, timeout_s=5))
+        with pytest.raises(ProviderError) as ei:
+            await p.complete(req())
+        await p.aclose()
+        assert ei.value.kind == kind and words in str(ei.value) and ei.value.retryable, (kind, str(ei.value))
+    with DeadEndServer("reset") as dead:
+        p = build_provider(ProviderConfig(name="p", kind="openai", base_url=dead.url, http_client=http_client))
+        with pytest.raises(ProviderError) as ei:
+            await p.complete(req())
+        await p.aclose()
+        assert ei.value.kind == "reset" and "closed the connection" in str(ei.value)
+    with DeadEndServer("silent") as dead:
+        p = build_provider(ProviderConfig(name="p", kind="openai", base_url=dead.url, http_client=http_client,
+                                          timeout_s=0.5))
+        with pytest.raises(ProviderError) as ei:
+            await p.complete(req())
+        await p.aclose()
+        assert ei.value.kind == "timeout" and "timed out" in str(ei.value)
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_refused_connection_stops_after_three_attempts_with_its_name(http_client):
+    cfg = ProviderConfig(name="srv", kind="openai", base_url=f"http://127.0.0.1:{unused_port()}/v1",
+                         http_client=http_client, max_attempts=6)
+    sleep = Recorder()
+    client = client_for([cfg], sleep=sleep)
+    with pytest.raises(ProviderHalted) as ei:
+        await client.complete(req())
+    await client.aclose()
+    msg = str(ei.value)
+    assert "connection refused by 127.0.0.1" in msg and "providers[srv].base_url" in msg
+    # three attempts, two backoffs of at most 1 s and 2 s: named within seconds, not after 6 attempts
+    assert client.gate.keeper.ledger.to_dict()["total"]["requests"] == 3
+    assert len(sleep.delays) == 2 and sum(sleep.delays) <= 3
+
+
+async def test_a_validation_body_sent_as_500_is_not_retried(server):
+    srv = server(FakeServerConfig(profile="llama_cpp_python"))
+    client = client_for([config(srv, "openai", structured_output="json_schema", fail_fast_after=0)])
+    with pytest.raises(ProviderError) as ei:
+        await client.complete(req(json_schema=SCHEMA))
+    await client.aclose()
+    assert ei.value.status == 500 and ei.value.kind == "validation" and not ei.value.retryable
+    assert "Input should be 'text' or 'json_object'" in str(ei.value)
+    assert srv.stats()["requests"] == 1
+    # a plain 500 is still a retried server failure
+    srv.update(profile=None)
+    srv.script([Fault.ERROR_500, "ok"])
+    client = client_for([config(srv, "openai")])
+    assert (await client.complete(req())).text == "ok"
+    await client.aclose()
+
+
+# ---- capabilities: structured output, max_tokens field ----------------------------------------------------
+
+
+@pytest.mark.parametrize("profile, expected", [
+    ("llama_cpp_python", "json_object"), ("llama_cpp_2024", "json_object"),
+    ("llama_cpp", "json_schema"), ("vllm", "json_schema"), ("ollama", "json_schema"), (None, "json_schema")])
+async def test_auto_structured_output_falls_back_once_per_provider(server, tmp_path, caplog, profile, expected):
+    srv = server(FakeServerConfig(profile=profile))
+    client = client_for([config(srv, "openai", name="srv")], cache=ResponseCache(tmp_path))
+    with caplog.at_level("WARNING", logger="evoray"):
+        outs = await asyncio.gather(*(client.complete(req(f"Rate row {i}.", json_schema=SCHEMA)) for i in range(8)))
+    prov = client.providers["srv"]
+    assert prov.choices["structured_output"] == expected
+    assert all(isinstance(o.parsed, dict) and 0 <= o.parsed["score"] <= 5 for o in outs)
+    rejected = srv.stats().get("profile_rejected", 0)
+    warnings = [r for r in caplog.records if "structured_output" in r.getMessage()]
+    if expected == "json_schema":
+        assert rejected == 0 and warnings == []
+    else:
+        # the 8 concurrent first requests may all have been refused; every one was sent again once
+        assert 1 <= rejected <= 8 and srv.stats()["ok"] == 8
+        assert len(warnings) == 1 and "provider 'srv'" in warnings[0].getMessage()
+        assert "json_object" in warnings[0].getMessage()
+        # later requests go out as json_object straight away
+        n = srv.stats()["requests"]
+        await client.complete(req("Rate one more.", json_schema=SCHEMA))
+        assert srv.stats()["requests"] == n + 1 and srv.stats()["profile_rejected"] == rejected
+    await client.aclose()
+    # a re-run (fresh process state) finds the json_object answers in the cache after one refusal
+    again = client_for([config(srv, "openai", name="srv")], cache=ResponseCache(tmp_path))
+    hit = await again.complete(req("Rate row 0.", json_schema=SCHEMA))
+    await again.aclose()
+    assert hit.cached and hit.text == outs[0].text
+
+
+async def test_pinned_json_schema_against_a_server_without_it_fails_fast_naming_the_key(server):
+    srv = server(FakeServerConfig(profile="llama_cpp_python"))
+    client = client_for([config(srv, "openai", name="llama", structured_output="json_schema")])
+    outs = await asyncio.gather(*(client.complete(req(f"Rate {i}", json_schema=SCHEMA)) for i in range(6)),
+                                return_exceptions=True)
+    await client.aclose()
+    halted = [o for o in outs if isinstance(o, ProviderHalted)]
+    assert halted and all(isinstance(o, (ProviderHalted, ProviderError)) for o in outs)
+    msg = str(halted[0])
+    assert "provider 'llama'" in msg and "Input should be 'text' or 'json_object'" in msg
+    assert "providers[llama].structured_output" in msg and "HTTP 500" in msg
+    assert srv.stats()["requests"] <= 6  # no retries of a validation error
+
+
+async def test_prompt_only_json_when_the_server_accepts_neither_format(server):
+    seen = []
+
+    def responder(kind, body):
+        seen.append(body.get("response_format"))
+        return 'Sure! {"score": 3.5, "explanation": "ok"}'
+
+    srv = server(FakeServerConfig(profile="llama_cpp_python"), responder=responder)
+    client = client_for([config(srv, "openai", name="srv", structured_output="none")])
+    out = await client.complete(req("Rate.", json_schema=SCHEMA))
+    await client.aclose()
+    assert seen == [None] and out.parsed == {"score": 3.5, "explanation": "ok"}
+
+
+async def test_max_tokens_switches_to_max_completion_tokens_when_refused(server):
+    bodies = []
+
+    def responder(kind, body):
+        bodies.append(body)
+        return "fine"
+
+    srv = server(FakeServerConfig(profile="openai_reasoning"), responder=responder)
+    client = client_for([config(srv, "openai", name="o")])
+    out = await client.complete(req(max_tokens=77))
+    await client.aclose()
+    assert out.text == "fine" and srv.stats()["profile_rejected"] == 1
+    assert bodies[-1].get("max_completion_tokens") == 77 and "max_tokens" not in bodies[-1]
+    assert client.providers["o"].choices["max_tokens_field"] == "max_completion_tokens"

@@ -277,3 +277,56 @@ def test_run_bounded_limits_concurrency_and_keeps_finished_on_budget():
     finished = err.value.finished
     # everything before the stop is kept (a row already past the semaphore may finish too)
     assert finished[:7] == [i * 2 for i in range(7)] and 14 not in finished and len(finished) <= 9
+
+
+# ---- out of range vs unparseable; asking again differently ------------------------------------------------
+
+@pytest.mark.parametrize("text, kind", [
+    ("9.5\nexcellent", "out_of_range"), ("45", "out_of_range"), ("Score: 7", "out_of_range"),
+    ("Score: 4.5/10", "out_of_range"), ("8/10\ngood", "out_of_range"), ('{"score": 9, "explanation": "x"}', "out_of_range"),
+    ('{"score": -2, "explanation": "x"}', "out_of_range"), ('{"score": 12.5, "explanation": "cut', "out_of_range"),
+    ("I think it is good.", "unparseable"), ("", "unparseable"), ('{"score": "high", "explanation": "x"}', "unparseable"),
+    ('{"explanation": "no score"}', "unparseable"), ("four point five", "unparseable"),
+])
+def test_parse_errors_tell_out_of_range_from_unparseable(text, kind):
+    with pytest.raises(ParseError) as e:
+        parse_score(text)
+    assert e.value.kind == kind, e.value.message
+
+
+def test_an_out_of_range_score_is_labelled_so_in_the_failed_row():
+    prov = ScriptedProvider().enqueue("9.5\nexcellent", "9.5\nexcellent")
+    out = run(Rater(scripted_client(prov), RateConfig(parse_retries=1)).rate(row()))
+    assert out["status"] == "failed" and out["reason"].startswith("score out of range")
+    assert "9.5" in out["reason"] and "0-5" in out["reason"] and out["raw"] == "9.5\nexcellent"
+
+
+def test_asking_again_changes_the_request_not_just_the_cache_key():
+    prov = ScriptedProvider().enqueue("I think it is good.", "Very good indeed.", "4\nfine")
+    out = run(Rater(scripted_client(prov), RateConfig(parse_retries=2), json_fallback=False).rate(row()))
+    assert out["status"] == "scored" and out["score"] == 4.0
+    first, second, third = prov.history
+    assert len(first.messages) == 2
+    # the repair turn quotes the unusable reply and says what was wrong and what form is wanted
+    assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "user"]
+    assert second.messages[2]["content"] == "I think it is good."
+    assert "first line" in second.messages[3]["content"] and "0 to 5" in second.messages[3]["content"]
+    assert third.messages[2]["content"] == "Very good indeed."
+    assert len({str(q.messages) for q in prov.history}) == 3
+
+
+def test_second_ask_is_the_json_fallback_when_the_provider_takes_a_schema():
+    prov = ScriptedProvider().enqueue("9.5\nexcellent", {"score": 4.5, "explanation": "fine"})
+    out = run(Rater(scripted_client(prov), RateConfig(parse_retries=2), use_schema=False,
+                    json_fallback=True).rate(row()))
+    assert out["status"] == "scored" and out["score"] == 4.5
+    assert prov.history[0].json_schema is None and prov.history[1].json_schema == SCORE_SCHEMA
+    assert len(prov.history[1].messages) == 2 and "JSON" in user_text(prov.history[1])
+
+
+def test_out_of_range_repair_names_the_problem():
+    prov = ScriptedProvider().enqueue({"score": 9, "explanation": "x"}, {"score": 4, "explanation": "ok"})
+    out = run(Rater(scripted_client(prov), RateConfig(parse_retries=1), use_schema=True).rate(row()))
+    assert out["score"] == 4.0
+    fix = prov.history[1].messages[-1]["content"]
+    assert "9 is not on the 0-5 scale" in fix and "JSON" in fix and prov.history[1].json_schema == SCORE_SCHEMA

@@ -16,7 +16,7 @@ Lineage: ``parent_id`` = the seed's id, ``round`` = rounds whose reply gave an i
 round's evolved instruction). Evolved rows keep the seed's ``source`` and ``input`` (Alpaca rows
 and GSM8K rows, question as instruction, are the same canonical rows). The row's ``input`` is not
 shown to the evolving method; it is appended to the instruction when the evol LLM answers.
-:class:`~evoray.errors.BudgetExceeded` propagates: the job stops, finished rows are kept.
+:class:`~evoray.errors.StopJob` (the budget, a halted provider) propagates: the job stops, finished rows are kept.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import json
 from typing import Any, Iterable
 
 from ..config import EvolveConfig
-from ..errors import BudgetExceeded, ParseError, ProviderError, RetriesExhausted
+from ..errors import StopJob, ParseError, ProviderError, RetriesExhausted
 from ..prompts.evolution import answer_messages
 from ..providers.base import Completion, Request
 from ..schema import new_row, result_row
@@ -156,7 +156,7 @@ class Evolver:
                 rule = await self._rule("answer", previous, current, answer)
                 if rule is not None:
                     reason = f"failure rule '{rule}' on the answer"
-        except BudgetExceeded:
+        except StopJob:  # the budget, or a halted provider: the job stops
             raise
         except CallError as e:
             calls.add_error(e)
@@ -209,7 +209,7 @@ class Evolver:
                     step["failed"] = await self._rule("answer", current, evolved, step["answer"])
                 if step["failed"]:
                     step["reason"] = f"failure rule '{step['failed']}'"
-            except BudgetExceeded:
+            except StopJob:  # the budget, or a halted provider: the job stops
                 raise
             except CallError as e:
                 step["failed"], step["reason"] = "provider_error", str(e)

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 from ..config import EvolveConfig, OptimizeConfig
-from ..errors import BudgetExceeded, InputError, ParseError, ProviderError, RetriesExhausted
+from ..errors import StopJob, InputError, ParseError, ProviderError, RetriesExhausted
 from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
 from ..providers.base import Request
 from .evolver import Evolver
@@ -153,7 +153,7 @@ async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequ
     """m independent analyse-then-rewrite samples, run concurrently, in index order.
 
     Sample i sends both its requests with ``sample_index=i``. A provider error or a reply without
-    a fenced method gives a Proposal with ``method=None`` and the error; BudgetExceeded propagates.
+    a fenced method gives a Proposal with ``method=None`` and the error; StopJob (budget, halted provider) propagates.
     """
     traj_text = format_trajectories(list(trajectories))
 
@@ -169,7 +169,7 @@ async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequ
                                                   sample_index=i,
                                                   json_schema=METHOD_SCHEMA if json_output else None))
             return Proposal(feedback, Method(f"{name_prefix}-{i}", _method_text(o, json_output)), i)
-        except BudgetExceeded:
+        except StopJob:  # the budget, or a halted provider: the job stops
             raise
         except (ProviderError, RetriesExhausted, ParseError) as e:
             return Proposal(feedback, None, i, f"{type(e).__name__}: {e}")

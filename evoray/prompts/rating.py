@@ -79,6 +79,20 @@ JSON_REPLY = (
 )
 
 
+REPAIR_TEXT = (
+    "Your reply above cannot be used: {problem}. Reply again. The first line must hold the score and nothing "
+    "else: one number from 0 to 5, for example 4 or 3.5. From the second line on, give the reasons."
+)
+
+REPAIR_JSON = (
+    'Your reply above cannot be used: {problem}. Reply again with only one JSON object: {{"score": a number '
+    'from 0 to 5, "explanation": a short text giving the reasons}}.'
+)
+
+#: at most this much of an unusable reply is quoted back in a repair turn
+REPAIR_QUOTE_CHARS = 1500
+
+
 def describe_dimension(dimension: str) -> str:
     """The phrase naming what is rated: a built-in dimension's description, or a custom one."""
     key = (dimension or "accuracy").strip()
@@ -125,8 +139,37 @@ def build_rating_request(
     )
 
 
+def build_repair_request(
+    row: dict[str, Any],
+    dimension: str,
+    use_schema: bool,
+    max_tokens: int,
+    previous_reply: str,
+    problem: str,
+    sample_index: int = 1,
+) -> Request:
+    """Ask again after an unusable reply: the rating conversation, the model's reply (the first
+    :data:`REPAIR_QUOTE_CHARS` characters) and a turn naming what was wrong and the form wanted.
+
+    Temperature stays 0; the conversation is new, so even a deterministic server answers anew."""
+    system, user = render_rating_prompt(row, dimension, use_schema)
+    reply = (previous_reply or "").strip()[:REPAIR_QUOTE_CHARS] or "(an empty reply)"
+    fix = (REPAIR_JSON if use_schema else REPAIR_TEXT).format(problem=problem.rstrip("."))
+    return Request(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": user},
+                  {"role": "assistant", "content": reply}, {"role": "user", "content": fix}],
+        temperature=0.0,
+        max_tokens=max_tokens,
+        json_schema=SCORE_SCHEMA if use_schema else None,
+        sample_index=sample_index,
+    )
+
+
 __all__ = [
     "DIMENSIONS",
+    "REPAIR_JSON",
+    "REPAIR_TEXT",
+    "build_repair_request",
     "JSON_REPLY",
     "SCORE_MAX",
     "SCORE_MIN",

@@ -75,6 +75,13 @@ class AnthropicProvider(SDKProvider):
     kind = "anthropic"
     supports_json_schema = True
     extra_retryable = frozenset({529})  # "overloaded"
+    capabilities = {"structured_output": ("json_schema", "none")}
+
+    @classmethod
+    def default_base_url(cls) -> str:
+        import os
+
+        return os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
 
     def _sdk_module(self):
         import anthropic
@@ -94,7 +101,7 @@ class AnthropicProvider(SDKProvider):
             kwargs["temperature"] = request.temperature
         if system:
             kwargs["system"] = system
-        if request.json_schema is not None:
+        if self.structured_mode(request) not in (None, "none"):
             kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
         resp, headers = await self._call(self._create_raw, **kwargs)
         blocks = getattr(resp, "content", None) or []

@@ -15,12 +15,16 @@ from __future__ import annotations
 import datetime
 import email.utils
 import json
+import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..config import ProviderConfig
+
+log = logging.getLogger("evoray")
 
 
 @dataclass(frozen=True)
@@ -209,17 +213,175 @@ def rate_limit_info(headers: Any, now: float | None = None) -> dict[str, float] 
     return out or None
 
 
+#: a server's complaint names the structured-output part of the request
+_NAMES_STRUCTURED = re.compile(
+    r"response_format|json_schema|json_object|output_config|output_format|structured.output|guided_json|"
+    r"\bschema\b|grammar", re.I)
+#: a complaint names another request field (then it is not about structured output)
+_NAMES_OTHER = re.compile(r"\b(?:model|messages|max_tokens|max_completion_tokens|temperature|top_p|seed|stop)\b",
+                          re.I)
+_REFUSES = r"(?=.*(?:unsupported|not supported|extra inputs|unknown|unrecognized|not allowed|not permitted|instead))"
+_NAMES_MAX_TOKENS = re.compile(r"(?s)" + _REFUSES + r".*\bmax_(?:completion_)?tokens\b", re.I)
+_NAMES_SEED = re.compile(r"(?s)" + _REFUSES + r".*\bseed\b", re.I)
+
+
+def _capability_complaint(error: Any) -> bool:
+    """The failure is the server refusing the request's shape: a 400/404/405/415/422 or a 5xx whose
+    body is a validation message (``kind`` validation). Not a key, rate-limit or overload error."""
+    from ..failfast import row_specific
+
+    status = getattr(error, "status", None)
+    kind = getattr(error, "kind", "")
+    if row_specific(str(getattr(error, "detail", "") or "")):
+        return False  # a prompt longer than the context, a content filter: this row, not the request's shape
+    return kind == "validation" or (kind == "client" and status in (400, 404, 405, 415, 422))
+
+
+def normalise_url(url: str) -> str:
+    """A base URL as a cache-key part: lower-case scheme and host, no user info, no trailing slash."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        p = urlsplit(url.strip())
+    except ValueError:
+        return url.strip().rstrip("/")
+    if not p.scheme or not p.hostname:
+        return url.strip().rstrip("/")
+    host = p.hostname.lower() + (f":{p.port}" if p.port else "")
+    return urlunsplit((p.scheme.lower(), host, p.path.rstrip("/"), p.query, ""))
+
+
 class Provider:
-    """Base class of every provider. Subclasses implement :meth:`complete`."""
+    """Base class of every provider. Subclasses implement :meth:`complete`.
+
+    **Capabilities.** OpenAI-compatible servers differ in a few request fields; a provider names
+    them in :attr:`capabilities`, each a fallback chain, first choice first::
+
+        structured_output: json_schema -> json_object -> none   (openai; anthropic: json_schema -> none)
+        max_tokens_field:  max_tokens -> max_completion_tokens  (openai)
+        send_seed:         send -> omit                          (openai)
+
+    The config pins a choice (``structured_output: json_object``) or says ``auto``: start with the
+    first and, when a reply shows that the server does not support it (:meth:`adapt`), move to the
+    next one for the rest of the job in this process. :meth:`wire_state` is what a request was sent
+    with; :meth:`cache_variant` puts the choices that change the answer into the cache key.
+    """
 
     kind: ClassVar[str] = "base"
     supports_json_schema: ClassVar[bool] = False
     needs_key: ClassVar[bool] = True
+    #: field -> fallback chain (first = the auto default); subclasses override
+    capabilities: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config: ProviderConfig):
         self.config = config
         self.name = config.name
         self.model = config.model
+        self.choices: dict[str, str] = {}
+        self.auto: set[str] = set()
+        for fieldname, chain in self.capabilities.items():
+            pinned = getattr(config, fieldname, "auto") or "auto"
+            if pinned == "auto":
+                self.auto.add(fieldname)
+                self.choices[fieldname] = chain[0]
+            else:
+                self.choices[fieldname] = pinned
+
+    # ---- capabilities ------------------------------------------------------------------------------
+    def structured_mode(self, request: "Request") -> str | None:
+        """How this request's JSON schema is conveyed (json_schema / json_object / none); None
+        without a schema."""
+        if request.json_schema is None:
+            return None
+        return self.choices.get("structured_output", "json_schema")
+
+    def wire_state(self, request: "Request") -> tuple:
+        """The choices a request is sent with (compared before and after a failed attempt)."""
+        return tuple(sorted(self.choices.items()))
+
+    def cache_variant(self, request: "Request") -> str | None:
+        """The part of the choices that changes the answer: how the schema was conveyed, and
+        whether a requested seed was sent. None when nothing differs from a plain request."""
+        parts = []
+        mode = self.structured_mode(request)
+        if mode is not None:
+            parts.append(f"so={mode}")
+        if request.seed is not None and self.choices.get("send_seed") == "omit":
+            parts.append("seed=omit")
+        return ",".join(parts) or None
+
+    def cache_source(self) -> str:
+        return self.source_of(self.config)
+
+    @classmethod
+    def source_of(cls, config: ProviderConfig) -> str:
+        """Where answers come from, for the cache key and stage fingerprints: ``cache_namespace``
+        when set, else the normalised ``base_url`` (or the SDK's default endpoint)."""
+        ns = getattr(config, "cache_namespace", None)
+        if ns:
+            return f"ns:{ns}"
+        return normalise_url(config.base_url or cls.default_base_url())
+
+    @classmethod
+    def default_base_url(cls) -> str:
+        return cls.kind
+
+    def _fallback_for(self, error: Any, request: "Request") -> str | None:
+        """The capability field the error complains about (and that this request used), or None."""
+        if not _capability_complaint(error):
+            return None
+        detail = str(getattr(error, "detail", "") or "")
+        fields = self.capabilities
+        if "max_tokens_field" in fields and _NAMES_MAX_TOKENS.search(detail):
+            return "max_tokens_field"
+        if "send_seed" in fields and request.seed is not None and self.choices.get("send_seed") == "send" \
+                and _NAMES_SEED.search(detail):
+            return "send_seed"
+        if "structured_output" in fields and self.structured_mode(request) not in (None, "none"):
+            unnamed = not _NAMES_OTHER.search(detail) and (
+                getattr(error, "kind", "") == "validation" or getattr(error, "status", None) in (400, 422))
+            if _NAMES_STRUCTURED.search(detail) or unnamed:
+                return "structured_output"
+        return None
+
+    def adapt(self, error: Any, sent: tuple, request: "Request") -> str | None:
+        """After a failed attempt: should the request be sent again at once, differently?
+
+        Returns a message when this call switched a capability to its next choice (the caller
+        warns once), ``""`` when another request already switched since this one was sent (just
+        send again), None when the failure is not about a capability, or no fallback is left (the
+        retry layer then treats the error as it is).
+        """
+        fieldname = self._fallback_for(error, request)
+        if fieldname is None:
+            return None
+        if self.wire_state(request) != sent:
+            return ""
+        if fieldname not in self.auto:
+            return None
+        chain = self.capabilities[fieldname]
+        current = self.choices[fieldname]
+        i = chain.index(current) if current in chain else len(chain) - 1
+        if i + 1 >= len(chain):
+            return None
+        self.choices[fieldname] = chain[i + 1]
+        return (f"provider '{self.name}' ({self.config.base_url or self.kind}) does not support "
+                f"{fieldname} {current} (server said: {str(getattr(error, 'detail', ''))[:160]!r}); "
+                f"using {fieldname} {chain[i + 1]} for the rest of the job (pin it in the config as "
+                f"providers[{self.name}].{fieldname}: {chain[i + 1]} to skip the first failed request)")
+
+    def learn(self, choices: dict[str, str]) -> bool:
+        """Take choices another process found (shared through the gate); True when any changed."""
+        changed = False
+        for fieldname, value in choices.items():
+            if fieldname in self.auto and value in self.capabilities.get(fieldname, ()) \
+                    and self.choices.get(fieldname) != value:
+                chain = self.capabilities[fieldname]
+                # only move forward along the chain: never back to a choice the server refused
+                if chain.index(value) > chain.index(self.choices[fieldname]):
+                    self.choices[fieldname] = value
+                    changed = True
+        return changed
 
     async def complete(self, request: Request) -> Completion:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -129,6 +129,12 @@ class LocalProvider(Provider):
     kind = "local"
     supports_json_schema = True
     needs_key = False
+    # llama.cpp turns the schema into a grammar (json_schema and json_object both mean that here)
+    capabilities = {"structured_output": ("json_object", "none")}
+
+    @classmethod
+    def default_base_url(cls) -> str:
+        return "local"
 
     def __init__(self, config: ProviderConfig, replicas: list | None = None):
         super().__init__(config)
@@ -152,7 +158,7 @@ class LocalProvider(Provider):
             "top_p": request.top_p,
             "max_tokens": request.max_tokens,
             "seed": request.seed if request.seed is not None else request.sample_index,
-            "json_schema": request.json_schema,
+            "json_schema": request.json_schema if self.structured_mode(request) != "none" else None,
         }
         if self._replicas:
             replica = self._replicas[next(self._rr) % len(self._replicas)]

@@ -17,6 +17,11 @@ still read. The reply comes back as the SDK's raw HTTP response (``cast_to`` its
 its rate-limit headers reach the key's gate. Auth is the bearer key only, the security option ``create`` passes (the SDK's
 default for ``post`` would also allow ``OPENAI_ADMIN_KEY``; an admin key has no business on a chat
 endpoint, let alone a third-party ``base_url``).
+
+Servers that speak this API differ in three request fields, each a capability with a fallback
+(see :class:`~evoray.providers.base.Provider`): how a JSON schema is sent (``response_format``
+json_schema, json_object with a ``schema`` beside it as llama.cpp and llama-cpp-python read it, or
+not at all), ``max_tokens`` or ``max_completion_tokens``, and whether ``seed`` is sent.
 """
 
 from __future__ import annotations
@@ -33,9 +38,33 @@ def _strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": False}}
 
 
+def response_format(mode: str | None, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The ``response_format`` for a structured-output mode: json_schema (OpenAI's form, which vLLM,
+    llama.cpp's llama-server and Ollama read too), json_object with the schema beside it (the form
+    llama-cpp-python's server and llama.cpp turn into a grammar; other servers ask for any JSON
+    object), or None (``none``: the prompt alone asks for JSON)."""
+    if schema is None or mode in (None, "none"):
+        return None
+    if mode == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return _strict_schema(schema)
+
+
 class OpenAIProvider(SDKProvider):
     kind = "openai"
     supports_json_schema = True
+    capabilities = {
+        "structured_output": ("json_schema", "json_object", "none"),
+        "max_tokens_field": ("max_tokens", "max_completion_tokens"),
+        "send_seed": ("send", "omit"),
+    }
+
+    @classmethod
+    def default_base_url(cls) -> str:
+        import os
+
+        # the SDK reads OPENAI_BASE_URL when no base_url is given (Ray workers inherit it too)
+        return os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
 
     def _sdk_module(self):
         import openai
@@ -49,22 +78,29 @@ class OpenAIProvider(SDKProvider):
         self._sdk().chat.completions  # builds the client and its resource objects
 
     async def complete(self, request: Request) -> Completion:
-        kwargs: dict[str, Any] = dict(
-            model=self.model,
-            messages=request.messages,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            max_tokens=request.max_tokens,
-        )
-        if request.seed is not None:
-            kwargs["seed"] = request.seed
-        if request.json_schema is not None:
-            kwargs["response_format"] = _strict_schema(request.json_schema)
+        kwargs = self.body(request)
         resp = await self._call(self._sdk().post, path="/chat/completions", body=kwargs,
                                 cast_to=_http_response_class(self._sdk_module()), options=_CHAT_OPTIONS)
         comp = self._completion(resp.content, request.json_schema is not None)
         comp.limits = rate_limit_info(resp.headers)
         return comp
+
+    def body(self, request: Request) -> dict[str, Any]:
+        """The JSON body for a request, under the capability choices in effect now."""
+        c = self.choices
+        kwargs: dict[str, Any] = dict(
+            model=self.model,
+            messages=request.messages,
+            temperature=request.temperature,
+            top_p=request.top_p,
+        )
+        kwargs[c.get("max_tokens_field", "max_tokens")] = request.max_tokens
+        if request.seed is not None and c.get("send_seed") != "omit":
+            kwargs["seed"] = request.seed
+        rf = response_format(self.structured_mode(request), request.json_schema)
+        if rf is not None:
+            kwargs["response_format"] = rf
+        return kwargs
 
     def _completion(self, raw: bytes, wants_json: bool) -> Completion:
         """The Completion in a Chat Completions reply body; a body that is not one is ``malformed``."""

@@ -86,6 +86,10 @@ __all__ = [
     "rewrite_reply",
     "sorry_reply",
     "unchanged_rewrite_reply",
+    "DeadEndServer",
+    "PROFILES",
+    "ServerProfile",
+    "unused_port",
 ]
 
 OPENAI_PATH = "/v1/chat/completions"
@@ -128,6 +132,8 @@ class FakeServerConfig:
     retry_after_ms: bool = True  # also send retry-after-ms (as OpenAI does)
     trickle_s: float = 0.0  # answers' bodies trickle out in chunks over this many seconds
     reset_rate: float = 0.0  # share of admitted requests whose connection is closed without an answer
+    # server profile (see PROFILES): reject request fields the way that real server does; None accepts all
+    profile: str | None = None
 
     def validate(self) -> None:
         rates = {
@@ -155,6 +161,8 @@ class FakeServerConfig:
         if self.error_rate and not self.error_statuses:
             raise ValueError("FakeServerConfig.error_statuses is empty but error_rate > 0")
         validate_strict_options(self)
+        if self.profile is not None and self.profile not in PROFILES:
+            raise ValueError(f"FakeServerConfig.profile must be one of {sorted(PROFILES)} or None, got {self.profile!r}")
 
 
 class Fault(str, Enum):
@@ -440,7 +448,8 @@ def _wants_json(kind: str, body: dict) -> tuple[bool | dict, str | None]:
                 js = rf.get("json_schema") or {}
                 return (js.get("schema") or True), None
             if rf.get("type") == "json_object":
-                return True, None
+                schema = rf.get("schema")  # llama.cpp and llama-cpp-python read a schema beside json_object
+                return (schema if isinstance(schema, dict) and schema else True), None
         return False, None
     for fmt in (body.get("output_format"), (body.get("output_config") or {}).get("format")):
         if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
@@ -954,8 +963,15 @@ class FakeLLMServer:
             self._count("bad_request")
             return web.json_response(_error_body(kind, 400, f"bad request: {e}"), status=400)
 
+        profile = PROFILES.get(cfg.profile) if kind == "openai" and cfg.profile else None
+        if profile is not None:
+            rejected = profile.check(body)
+            if rejected is not None:
+                with self._lock:  # a counter that exists only on servers with a profile
+                    self._stats.counts["profile_rejected"] = self._stats.counts.get("profile_rejected", 0) + 1
+                return web.json_response(rejected[1], status=rejected[0])
         messages = _normalise(kind, body)
-        wants_json, tool_name = _wants_json(kind, body)
+        wants_json, tool_name = _wants_json(kind, body) if profile is None else (profile.wants_json(body), None)
         prompt_tokens = sum(estimate_tokens(m["content"]) for m in messages)
 
         # Decide the outcome and the reply text before the buckets are charged, so the tpm bucket is
@@ -1174,6 +1190,181 @@ class FakeLLMServer:
             "stop_sequence": None,
             "usage": {"input_tokens": prompt, "output_tokens": completion},
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Server profiles: what a real OpenAI-compatible server accepts, and how it says no
+# ---------------------------------------------------------------------------------------------
+
+# llama-cpp-python's server (0.3.x) validates the body with pydantic, and its route handler turns the
+# validation exception into HTTP 500 with the message below (seen from `python -m llama_cpp.server`)
+_LCP_VALIDATION = ("1 validation error:\n  {{'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                   "'msg': \"Input should be 'text' or 'json_object'\", 'input': '{got}', 'ctx': {{'expected': "
+                   "\"'text' or 'json_object'\"}}}}\n\n  File \".../llama_cpp/server/app.py\", line 376, in "
+                   "create_chat_completion\n    POST /v1/chat/completions")
+
+
+def _openai_error(status: int, message: str, etype: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": etype, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """What one real server accepts on ``/v1/chat/completions``, for a strict fake.
+
+    ``formats``: the ``response_format`` types it accepts; ``json_object_schema``: it constrains a
+    ``json_object`` reply to a ``schema`` given beside it (llama.cpp's grammar) rather than to any
+    JSON object; ``reject``: ``(status, body)`` for a response_format type it does not accept, built
+    from the type; ``fields``: request field -> ``(status, body)`` when that field is refused.
+    """
+
+    name: str
+    formats: frozenset[str]
+    json_object_schema: bool
+    reject: Callable[[str], tuple[int, dict]]
+    fields: dict[str, tuple[int, dict]] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def check(self, body: dict) -> tuple[int, dict] | None:
+        for name, answer in self.fields.items():
+            if name in body:
+                return answer
+        rf = body.get("response_format")
+        if isinstance(rf, dict):
+            t = str(rf.get("type") or "")
+            if t and t not in self.formats:
+                return self.reject(t)
+        return None
+
+    def wants_json(self, body: dict) -> bool | dict:
+        rf = body.get("response_format")
+        if not isinstance(rf, dict):
+            return False
+        if rf.get("type") == "json_schema":
+            return (rf.get("json_schema") or {}).get("schema") or True
+        if rf.get("type") == "json_object":
+            schema = rf.get("schema")
+            return schema if self.json_object_schema and isinstance(schema, dict) and schema else True
+        return False
+
+
+def _llama_cpp_reject(status: int):
+    def reject(t: str) -> tuple[int, dict]:
+        msg = f'response_format type must be one of "text" or "json_object", but got: {t}'
+        etype = "invalid_request_error" if status == 400 else "server_error"
+        return status, {"error": {"code": status, "message": msg, "type": etype}}
+    return reject
+
+
+#: Profiles from the servers' sources (2025-2026): llama-cpp-python ``llama_cpp/server`` (types.py,
+#: errors.py), llama.cpp ``tools/server`` (``oaicompat_chat_params_parse``), vLLM's OpenAI entrypoint,
+#: Ollama ``openai/openai.go`` and OpenAI's reasoning models.
+PROFILES: dict[str, ServerProfile] = {p.name: p for p in (
+    ServerProfile(
+        "llama_cpp_python", frozenset({"text", "json_object"}), True,
+        lambda t: (500, _openai_error(500, _LCP_VALIDATION.format(got=t), "internal_server_error")),
+        source="llama-cpp-python 0.3: response_format type is Literal['text', 'json_object'] (+ optional schema); "
+               "a failed validation is answered 500 internal_server_error"),
+    ServerProfile(
+        "llama_cpp", frozenset({"text", "json_object", "json_schema"}), True, _llama_cpp_reject(400),
+        source="llama.cpp llama-server: json_object (+schema) and json_schema (json_schema.schema); "
+               "std::invalid_argument -> 400 invalid_request_error"),
+    ServerProfile(
+        "llama_cpp_2024", frozenset({"text", "json_object"}), True, _llama_cpp_reject(500),
+        source="llama.cpp llama-server before json_schema support (PR 9527, 2024-09): runtime_error -> 500"),
+    ServerProfile(
+        "vllm", frozenset({"text", "json_object", "json_schema", "structural_tag"}), False,
+        lambda t: (400, {"object": "error", "message": f"Unsupported response_format type: {t}",
+                         "type": "BadRequestError", "param": None, "code": 400}),
+        source="vLLM: json_schema via guided decoding; bad requests answered 400 BadRequestError"),
+    ServerProfile(
+        "ollama", frozenset({"text", "json_object", "json_schema"}), False,
+        lambda t: (400, _openai_error(400, f"invalid response_format type: {t}", "invalid_request_error")),
+        source="Ollama /v1: json_object -> format 'json' (schema ignored), json_schema -> the schema; "
+               "max_completion_tokens is not read"),
+    ServerProfile(
+        "openai_reasoning", frozenset({"text", "json_object", "json_schema"}), False,
+        lambda t: (400, _openai_error(400, f"Invalid value: '{t}'.", "invalid_request_error", "response_format.type")),
+        fields={"max_tokens": (400, _openai_error(
+            400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' "
+                 "instead.", "invalid_request_error", "max_tokens", "unsupported_parameter"))},
+        source="OpenAI o-series / gpt-5 models: max_tokens refused in favour of max_completion_tokens"),
+)}
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on (bound once to find it, then released): connections are refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class DeadEndServer:
+    """A TCP listener on 127.0.0.1 that never sends an HTTP answer, for transport-failure tests.
+
+    ``mode="reset"``: read the request, then reset the connection (RST); ``mode="silent"``: read it
+    and say nothing until stopped (the client times out). ``url`` works as a ``base_url``.
+    """
+
+    def __init__(self, mode: str = "reset"):
+        if mode not in ("reset", "silent"):
+            raise ValueError(f"DeadEndServer mode must be 'reset' or 'silent', got {mode!r}")
+        self.mode = mode
+        self.connections = 0
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._held: list[socket.socket] = []
+        self._stop = threading.Event()
+
+    @property
+    def url(self) -> str:
+        assert self._sock is not None, "DeadEndServer is not started"
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
+
+    def start(self) -> "DeadEndServer":
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._serve, name="dead-end-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        import struct
+
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            conn.settimeout(1.0)
+            try:
+                conn.recv(65536)
+            except OSError:
+                pass
+            if self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+            else:
+                self._held.append(conn)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for c in self._held:
+            c.close()
+        if self._sock is not None:
+            self._sock.close()
+
+    def __enter__(self) -> "DeadEndServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from .fake_server import _normalise, _wants_json, clarification_reply, default_reply
@@ -54,8 +55,10 @@ class PipelineResponder:
         is_rating = "0 to 5" in low or "0-5" in low or "scale of 0" in low or (
             isinstance(wants, dict) and "score" in (wants.get("properties") or {}))
         if is_rating and "assistant 1" not in low:
-            # a retry with another sample index is another request: decide on the row text only
-            row_key = content.split("sample", 1)[0]
+            # decide on the row's own text only, so asking again (the JSON fallback, a repair turn that
+            # quotes the reply) meets the same verdict and an unusable row stays unusable
+            m = re.search(r"###\s*Instruction:(.*?)Rate the response above", content, re.S)
+            row_key = m.group(1) if m else content
             if _u(row_key, "bad") < self.bad_rating_share:
                 return UNPARSEABLE
             s = self._score(row_key)
