@@ -87,7 +87,8 @@ class AnthropicProvider(SDKProvider):
     def prepare(self) -> None:
         self._sdk().messages  # builds the client and its resource objects
 
-    async def complete(self, request: Request) -> Completion:
+    def message_params(self, request: Request) -> dict[str, Any]:
+        """The ``messages.create`` arguments for ``request`` (also each request's params in batch mode)."""
         system, messages = to_anthropic_messages(request.messages)
         kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens)
         if "temperature" in _create_params(self._sdk().messages):
@@ -96,7 +97,14 @@ class AnthropicProvider(SDKProvider):
             kwargs["system"] = system
         if request.json_schema is not None:
             kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
-        resp = await self._call(self._sdk().messages.create, **kwargs)
+        return kwargs
+
+    async def complete(self, request: Request) -> Completion:
+        resp = await self._call(self._sdk().messages.create, **self.message_params(request))
+        return self.completion_from_message(resp, request)
+
+    def completion_from_message(self, resp: Any, request: Request) -> Completion:
+        """The Completion in a ``Message`` (a reply, or a succeeded line of a message batch)."""
         blocks = getattr(resp, "content", None) or []
         text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", "") == "text")
         if not blocks:

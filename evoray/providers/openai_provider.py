@@ -47,7 +47,8 @@ class OpenAIProvider(SDKProvider):
     def prepare(self) -> None:
         self._sdk().chat.completions  # builds the client and its resource objects
 
-    async def complete(self, request: Request) -> Completion:
+    def chat_body(self, request: Request) -> dict[str, Any]:
+        """The Chat Completions request body for ``request`` (also each line's body in batch mode)."""
         kwargs: dict[str, Any] = dict(
             model=self.model,
             messages=request.messages,
@@ -59,7 +60,10 @@ class OpenAIProvider(SDKProvider):
             kwargs["seed"] = request.seed
         if request.json_schema is not None:
             kwargs["response_format"] = _strict_schema(request.json_schema)
-        raw = await self._call(self._sdk().post, path="/chat/completions", body=kwargs, cast_to=bytes,
+        return kwargs
+
+    async def complete(self, request: Request) -> Completion:
+        raw = await self._call(self._sdk().post, path="/chat/completions", body=self.chat_body(request), cast_to=bytes,
                                options=_CHAT_OPTIONS)
         return self._completion(raw, request.json_schema is not None)
 
