@@ -116,14 +116,34 @@ class BatchState:
             self.save()
 
     def ids(self, entry: dict[str, Any]) -> frozenset[str]:
+        """The custom ids of a recorded batch."""
         seq = int(entry["seq"])
         if seq not in self._ids_cache:
-            try:
-                text = (self.dir / f"{seq}.ids").read_text(encoding="utf-8")
-            except FileNotFoundError:
-                text = ""
-            self._ids_cache[seq] = frozenset(x for x in text.splitlines() if x)
+            self._ids_cache[seq] = self._read(f"{seq}.ids")
         return self._ids_cache[seq]
+
+    def usable_ids(self, entry: dict[str, Any]) -> frozenset[str]:
+        """The custom ids whose answer can still come from this batch: all of them until it is
+        collected, then those that did not fail."""
+        ids = self.ids(entry)
+        if entry.get("collected") and entry.get("counts", {}).get("failed"):
+            ids = ids - self._read(f"{int(entry['seq'])}.failed")
+        return ids
+
+    def collected(self, entry: dict[str, Any], ok: Iterable[str], failed: Iterable[str], **fields: Any) -> None:
+        """Mark a batch read (for some or all of its ids); its failed custom ids are kept beside its ids."""
+        name = f"{int(entry['seq'])}.failed"
+        bad = (self._read(name) - set(ok)) | set(failed)
+        if bad:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / name).write_text("".join(f"{c}\n" for c in sorted(bad)), encoding="utf-8")
+        self.update(entry, collected=True, **fields, counts={"failed": len(bad)})
+
+    def _read(self, name: str) -> frozenset[str]:
+        try:
+            return frozenset(x for x in (self.dir / name).read_text(encoding="utf-8").splitlines() if x)
+        except FileNotFoundError:
+            return frozenset()
 
     def for_provider(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.entries if e.get("provider") == name]
@@ -175,7 +195,7 @@ class BatchRunner:
                 break
             if not entry.get("id") or entry.get("lost"):
                 continue
-            ids = self.state.ids(entry) & unclaimed
+            ids = self.state.usable_ids(entry) & unclaimed
             if ids:
                 groups.append((entry, ids))
                 unclaimed -= ids
@@ -252,9 +272,9 @@ class BatchRunner:
                 kind = "batch_failed" if not status.downloadable else "missing"
                 msg = why if not status.downloadable else f"batch {status.id} ({status.state}) has no result for it"
                 out[cid] = LineResult(cid, None, kind, msg, None, True)
-        self.state.update(entry, collected=True, state=status.state, ended=True,
-                          counts={"ok": sum(1 for r in out.values() if r.completion is not None),
-                                  "failed": sum(1 for r in out.values() if r.completion is None)})
+        failed = [cid for cid, r in out.items() if r.completion is None]
+        self.state.collected(entry, (cid for cid, r in out.items() if r.completion is not None), failed,
+                             state=status.state, ended=True)
         return out
 
     async def _download(self, status: BatchStatus, requests: Mapping[str, Request]) -> dict[str, LineResult]:
