@@ -489,3 +489,25 @@ def test_batch_mode_with_a_local_provider_names_it(tmp_path):
                                "input": {"path": str(data)}, "output": {"dir": str(tmp_path / "out")}})
     with pytest.raises(ConfigError, match="provider 'tiny' \\(kind local\\) has no batch API"):
         stage_rate(JobContext(cfg, quiet=True), None, tmp_path / "out")
+
+
+def test_estimate_shows_online_and_batch_cost(tmp_path):
+    from evoray.estimate import estimate, format_estimate
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows(20)))
+    prov = {"name": "p", "kind": "openai", "model": "gpt-4o-mini", "price": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
+    cfg = JobConfig.from_dict({"providers": [prov], "input": {"path": str(data)}, "pipeline": ["evolve", "rate"],
+                               "rate": {"mode": "batch"}})
+    evolve, rate = estimate(cfg, None)
+    assert (evolve.mode, rate.mode) == ("online", "batch")
+    assert evolve.batch_dollars is None  # evolve has no batch mode
+    assert rate.batch_dollars == pytest.approx(rate.dollars / 2) and rate.configured_dollars == rate.batch_dollars
+    text = format_estimate([evolve, rate])
+    assert "batch dollars" in text and "as configured" in text and "(rate in batch mode)" in text
+    # explicit batch prices are used as given
+    prov["price"].update(batch_input_per_mtok=0.1, batch_output_per_mtok=0.2)
+    (rate2,) = estimate(JobConfig.from_dict({"providers": [prov], "input": {"path": str(data)}, "pipeline": ["rate"]}),
+                        None)
+    assert rate2.mode == "online" and rate2.configured_dollars == rate2.dollars
+    assert rate2.batch_dollars == pytest.approx((rate2.input_tokens * 0.1 + rate2.output_tokens * 0.2) / 1e6)
