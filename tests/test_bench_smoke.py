@@ -26,6 +26,8 @@ EXPECTED = {
     "B4": ["rater pool req/s / plain asyncio req/s"],
     "B5": ["driver peak RSS", "largest worker peak RSS", "wall time"],
     "B6": ["evoray local provider tok/s / direct llama-cpp-python tok/s"],
+    "B9": ["online cost of rating", "batch cost of rating", "batch cost / online cost",
+           "rows with the same outcome online and in batch"],
 }
 
 
