@@ -119,5 +119,6 @@ class Ledger:
             lines.append(
                 f"  {name:<12} {t.model[:28]:<28} requests {t.requests:>7}  cache hits {t.cache_hits:>7}  "
                 f"retries {t.retries:>5}  429s {t.rate_limited:>5}  tokens {t.input_tokens:>9}+{t.output_tokens:<9} ${t.dollars:.4f}"
+                + (f"  ({t.batch_requests} batched)" if t.batch_requests else "")
             )
         return lines
