@@ -255,16 +255,16 @@ class BatchRunner:
     async def _collect(self, entry: dict[str, Any], ids: set[str], wanted: Mapping[str, Request]) -> dict[str, LineResult]:
         status = await self._wait(entry)
         if status is None:  # the provider no longer knows it: submit those requests again
-            self.state.update(entry, lost=True)
-            log.warning("batch %s (%s) is unknown to the provider; its %d request(s) are submitted again",
-                        entry["id"], self.name, len(ids))
-            order = [cid for cid in wanted if cid in ids]
-            parts = [await self._collect(e, i, wanted) for e, i in await self._submit_all(order, wanted)]
-            return {k: v for p in parts for k, v in p.items()}
+            return await self._resubmit(entry, ids, wanted, "is unknown to the provider")
         out: dict[str, LineResult] = {}
         if status.downloadable:
             requests = {cid: wanted[cid] for cid in ids}
-            results = await self._retrying(lambda: self._download(status, requests), "download batch results")
+            try:
+                results = await self._retrying(lambda: self._download(status, requests), "download batch results")
+            except ProviderError as e:
+                if e.status != 404:
+                    raise
+                return await self._resubmit(entry, ids, wanted, "has no results any more (they expire)")
             out.update(results)
         why = status.error or f"batch {status.id} ended {status.state}"
         for cid in ids:
@@ -276,6 +276,14 @@ class BatchRunner:
         self.state.collected(entry, (cid for cid, r in out.items() if r.completion is not None), failed,
                              state=status.state, ended=True)
         return out
+
+    async def _resubmit(self, entry: dict[str, Any], ids: set[str], wanted: Mapping[str, Request],
+                        why: str) -> dict[str, LineResult]:
+        self.state.update(entry, lost=True)
+        log.warning("batch %s (%s) %s; its %d request(s) are submitted again", entry["id"], self.name, why, len(ids))
+        order = [cid for cid in wanted if cid in ids]
+        parts = [await self._collect(e, i, wanted) for e, i in await self._submit_all(order, wanted)]
+        return {k: v for p in parts for k, v in p.items()}
 
     async def _download(self, status: BatchStatus, requests: Mapping[str, Request]) -> dict[str, LineResult]:
         return {r.custom_id: r async for r in self.api.results(status, requests)}

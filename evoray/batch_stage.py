@@ -59,17 +59,21 @@ def job_gate(ctx):
 
 
 class _Progress:
-    """One line per batch whenever its state or count changes (stderr; nothing with --quiet)."""
+    """A line per batch when its state changes, and when its count changed at most every ``every_s``
+    (stderr; nothing with --quiet)."""
 
-    def __init__(self, stage: str, quiet: bool):
-        self.stage, self.quiet = stage, quiet
+    def __init__(self, stage: str, quiet: bool, every_s: float = 60.0):
+        self.stage, self.quiet, self.every_s = stage, quiet, every_s
         self.last: dict[str, tuple] = {}
 
     def __call__(self, ev: dict[str, Any]) -> None:
-        key = (ev["state"], ev["done"])
-        if self.quiet or self.last.get(ev["batch"]) == key:
+        if self.quiet:
             return
-        self.last[ev["batch"]] = key
+        now = time.monotonic()
+        state, done, t = self.last.get(ev["batch"], (None, None, 0.0))
+        if state == ev["state"] and (done == ev["done"] or now - t < self.every_s):
+            return
+        self.last[ev["batch"]] = (ev["state"], ev["done"], now)
         print(f"[{self.stage}] batch {ev['batch']} ({ev['provider']}): {ev['state']}, {ev['done']:,}/{ev['total']:,} "
               f"done, {ev['failed']:,} failed", file=sys.stderr, flush=True)
 

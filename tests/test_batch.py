@@ -511,3 +511,28 @@ def test_estimate_shows_online_and_batch_cost(tmp_path):
                         None)
     assert rate2.mode == "online" and rate2.configured_dollars == rate2.dollars
     assert rate2.batch_dollars == pytest.approx((rate2.input_tokens * 0.1 + rate2.output_tokens * 0.2) / 1e6)
+
+
+async def test_recorded_batch_whose_results_expired_is_submitted_again(srv, tmp_path):
+    job, _, runner = make_job(srv, tmp_path)
+    try:
+        await runner.run(requests(3))
+    finally:
+        await job.aclose()
+    srv.batches.files.clear()  # the output file is gone (OpenAI keeps them 30 days)
+    job2, _, runner2 = make_job(srv, tmp_path)
+    try:
+        results = await runner2.run(requests(3))
+    finally:
+        await job2.aclose()
+    assert runner2.adopted and len(runner2.submitted) == 1 and all(r.completion for r in results.values())
+
+
+def test_rate_stage_top_k_in_batch_mode(tmp_path):
+    from evoray.stages import stage_rate
+
+    with FakeLLMServer(responder=PipelineResponder()) as srv:
+        cfg = rate_config(srv, tmp_path, n=20, rate={"top_k": 5})
+        res = stage_rate(JobContext(cfg, quiet=True), None, tmp_path / "out")
+    assert res.counts["kept"] == 5 and res.counts["rejected"] == 15
+    assert not (tmp_path / "out" / "_scored.parquet").exists()
