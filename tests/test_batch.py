@@ -532,7 +532,34 @@ def test_rate_stage_top_k_in_batch_mode(tmp_path):
     from evoray.stages import stage_rate
 
     with FakeLLMServer(responder=PipelineResponder()) as srv:
-        cfg = rate_config(srv, tmp_path, n=20, rate={"top_k": 5})
+        cfg = rate_config(srv, tmp_path, n=20, rate={"top_k": 5}, batch={"max_requests": 6, "max_in_flight": 2})
         res = stage_rate(JobContext(cfg, quiet=True), None, tmp_path / "out")
+        st = srv.batches.stats()
     assert res.counts["kept"] == 5 and res.counts["rejected"] == 15
+    assert st["batches_created"] == 4 == res.counts["batches"] and st["lines"] == 20  # windows of 6 rows, 2 at once
     assert not (tmp_path / "out" / "_scored.parquet").exists()
+
+
+@pytest.mark.ray
+def test_pipeline_mixes_online_ray_stages_and_batch_stages_in_one_ledger(ray_session, tmp_path):
+    """A batch stage before the Ray session starts (its spend joins the session's gate) and one after
+    (it reports to the gate actor): the job ledger holds both modes' requests."""
+    from evoray.stages import run_pipeline
+
+    with FakeLLMServer(responder=PipelineResponder()) as srv:
+        for order in (["rate", "answer"], ["answer", "rate"]):
+            out = tmp_path / "_".join(order)
+            cfg = rate_config(srv, tmp_path, n=8, pipeline=order, rate={"mode": "batch", "threshold": 0},
+                              answer={"mode": "online"},
+                              output={"dir": str(out)}, cache={"enabled": False},
+                              ray={"rater_actors": 1, "evolver_actors": 1})
+            lines0, online0 = srv.batches.stats()["lines"], srv.stats()["requests"]
+            ctx = JobContext(cfg, quiet=True)
+            try:
+                run_pipeline(ctx, out)
+                tot = ctx.ledger_dict()["total"]
+            finally:
+                ctx.close()
+            lines, online = srv.batches.stats()["lines"] - lines0, srv.stats()["requests"] - online0
+            assert lines == 8 and online == 8, order
+            assert tot["batch_requests"] == 8 and tot["requests"] == 16, order
