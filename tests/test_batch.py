@@ -563,3 +563,14 @@ def test_pipeline_mixes_online_ray_stages_and_batch_stages_in_one_ledger(ray_ses
             lines, online = srv.batches.stats()["lines"] - lines0, srv.stats()["requests"] - online0
             assert lines == 8 and online == 8, order
             assert tot["batch_requests"] == 8 and tot["requests"] == 16, order
+
+
+async def test_a_lost_create_answer_finds_the_batch_instead_of_creating_another(srv, tmp_path):
+    srv.batches.update(fail_after_create=1)  # OpenAI created it, the answer was a 500
+    job, _, runner = make_job(srv, tmp_path)
+    try:
+        results = await runner.run(requests(4))
+    finally:
+        await job.aclose()
+    assert srv.batches.stats()["batches_created"] == 1 and len(runner.submitted) == 1
+    assert all(r.completion is not None for r in results.values())

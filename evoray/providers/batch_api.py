@@ -124,9 +124,25 @@ class OpenAIBatchAPI(BatchAPI):
         data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode("utf-8")
         f = await p._call(sdk.files.create, file=("evoray-batch.jsonl", data, "application/jsonl"), purpose="batch")
         note({"input_file_id": f.id})
-        b = await p._call(sdk.batches.create, input_file_id=f.id, endpoint=self.endpoint, completion_window="24h",
-                          metadata=metadata or None)
+        try:
+            b = await p._call(sdk.batches.create, input_file_id=f.id, endpoint=self.endpoint, completion_window="24h",
+                              metadata=metadata or None)
+        except ProviderError as e:
+            # a timeout or a 5xx may come after the batch was created: find it by its input file
+            # rather than create (and pay for) a second one
+            if not e.retryable or (found := await self._find(f.id)) is None:
+                raise
+            b = found
         return self._status(b)
+
+    async def _find(self, input_file_id: str) -> Any:
+        """The batch made from ``input_file_id`` among the newest 100, or None."""
+        p = self.provider
+        try:
+            page = await p._call(p._sdk().batches.list, limit=100)
+        except ProviderError:
+            return None
+        return next((b for b in page.data if b.input_file_id == input_file_id), None)
 
     async def status(self, batch_id: str) -> BatchStatus:
         p = self.provider

@@ -12,6 +12,7 @@ OpenAI (``openai.AsyncOpenAI(base_url=srv.openai_base_url)``)
     error file (``error_file=True``, OpenAI's behaviour) or into the output file; expired or cancelled
     lines go to the error file with ``response: null`` and ``error.code`` ``batch_expired`` /
     ``batch_cancelled``. A batch whose file does not validate ends ``failed`` with ``errors.data``.
+    ``GET /v1/batches`` lists batches, newest first (``limit``, ``after``).
 
 Anthropic (``anthropic.AsyncAnthropic(base_url=srv.anthropic_base_url)``)
     ``POST /v1/messages/batches`` (``{"requests": [{"custom_id", "params"}]}``),
@@ -31,7 +32,8 @@ Behaviour (:class:`FakeBatchConfig`, change it with ``srv.batches.update(...)``)
 with ``line_error_status`` (drawn per line and batch, so a line retried in another batch draws
 again); ``expire`` ends batches ``expired`` with only the first ``expire_done_share`` of their lines
 processed; ``line_outcome(kind, custom_id, batch_no)`` may decide a line's fate ("ok", "error",
-"expired") instead. ``srv.batches.stats()`` counts files, batches, lines and tokens.
+"expired") instead; ``fail_after_create`` answers that many OpenAI batch creations with a 500 after
+creating the batch (an answer lost on the way). ``srv.batches.stats()`` counts files, batches, lines and tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class FakeBatchConfig:
     max_lines: dict[str, int] = field(default_factory=lambda: dict(MAX_LINES))
     seed: int = 0
     line_outcome: Callable[[str, str, int], str | None] | None = None  # (kind, custom_id, batch_no) -> outcome
+    fail_after_create: int = 0  # this many batch creations answer 500 although the batch was created
 
     def validate(self) -> None:
         if not 0.0 <= self.line_error_rate <= 1.0:
@@ -162,6 +165,7 @@ class FakeBatches:
         r.add_get("/v1/files/{file_id}", self._file_retrieve)
         r.add_get("/v1/files/{file_id}/content", self._file_content)
         r.add_post("/v1/batches", self._openai_create)
+        r.add_get("/v1/batches", self._openai_list)
         r.add_get("/v1/batches/{batch_id}", self._openai_retrieve)
         r.add_post("/v1/batches/{batch_id}/cancel", self._openai_cancel)
         r.add_post("/v1/messages/batches", self._anthropic_create)
@@ -425,7 +429,30 @@ class FakeBatches:
         with self._lock:
             self._stats["batches_created"] += 1
             self._stats["lines"] += len(b.lines)
+        if self._lose_answer():
+            return self._error("openai", 500, "fake server: the batch was created but the answer was lost")
         return web.json_response(self._openai_json(b))
+
+    def _lose_answer(self) -> bool:
+        with self._lock:
+            if self._config.fail_after_create > 0:
+                self._config = dataclasses.replace(self._config, fail_after_create=self._config.fail_after_create - 1)
+                return True
+        return False
+
+    async def _openai_list(self, request: web.Request) -> web.Response:
+        if (denied := self._denied(request, "openai")) is not None:
+            return denied
+        limit = min(100, max(1, int(request.query.get("limit", 20))))
+        mine = [b for b in reversed(list(self.batches.values())) if b.kind == "openai"]
+        after = request.query.get("after")
+        if after:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        page = mine[:limit]
+        return web.json_response({"object": "list", "data": [self._openai_json(b) for b in page],
+                                  "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
+                                  "has_more": len(mine) > limit})
 
     def _get(self, request: web.Request, kind: str) -> _Batch | web.Response:
         b = self.batches.get(request.match_info["batch_id"])
