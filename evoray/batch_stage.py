@@ -88,6 +88,9 @@ def run_batch_stage(ctx, stage: str, worker: str, input_path: Path, outdir: Path
     from .sinks import TableSink
 
     cfg = ctx.config
+    for name in ("httpx", "httpx2"):  # the SDKs' transport logs every request at INFO; the driver says less
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     total = count_rows(input_path)
     fmt = cfg.output.format
     sinks = {name: TableSink(outdir, name, (formats or {}).get(name, fmt), schema) for name in set(tables.values())}
