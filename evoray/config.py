@@ -287,7 +287,8 @@ class JobConfig(Base):
 
     @model_validator(mode="after")
     def _modes(self):
-        for stage in BATCH_STAGES:
+        # the pipeline's stages are checked on load; a stage run on its own is checked when it starts
+        for stage in (s for s in self.pipeline if s in BATCH_STAGES):
             try:
                 self.stage_mode(stage)
             except ConfigError as e:

@@ -475,9 +475,13 @@ def test_mode_precedence_and_errors(tmp_path):
     assert cfg.stage_mode("rate") == "online" and cfg.stage_mode("judge") == "batch"
     cfg = JobConfig.from_dict({"providers": [base], "judge": {"mode": "batch"}})
     assert cfg.stage_mode("judge") == "batch" and cfg.stage_mode("rate") == "online"
-    with pytest.raises(ConfigError, match="role 'rater' mixes providers"):
-        JobConfig.from_dict({"providers": [{**base, "mode": "batch"}, {**base, "name": "b"}],
-                             "roles": {"rater": ["a", "b"], "answer": ["a"], "judge": ["a"]}})
+    mixed = {"providers": [{**base, "mode": "batch"}, {**base, "name": "b"}], "roles": {"rater": ["a"]}}
+    with pytest.raises(ConfigError, match="role 'answer' mixes providers.*set answer.mode"):
+        JobConfig.from_dict({**mixed, "pipeline": ["rate", "answer"]})
+    cfg = JobConfig.from_dict({**mixed, "pipeline": ["evolve", "rate"]})  # answer is not in the pipeline: loads
+    assert cfg.stage_mode("rate") == "batch"
+    with pytest.raises(ConfigError, match="role 'judge' mixes providers"):
+        cfg.stage_mode("judge")  # ... and `evoray judge` stops with the same message when it starts
 
 
 def test_batch_mode_with_a_local_provider_names_it(tmp_path):
