@@ -417,7 +417,7 @@ class BatchClient:
     def stop(self) -> bool:
         return self.job.stop
 
-    def _lookup(self, request: Request) -> Completion | None:
+    def _lookup(self, request: Request, count: bool = True) -> Completion | None:
         job = self.job
         for name in job.order:
             p = job.providers[name]
@@ -428,7 +428,8 @@ class BatchClient:
             if job.cache is not None:
                 hit = job.cache.get(key)
                 if hit is not None:
-                    job.ledger.cache_hit(name, p.model)
+                    if count:
+                        job.ledger.cache_hit(name, p.model)
                     return hit
         return None
 
@@ -439,7 +440,7 @@ class BatchClient:
 
     def prefetch(self, request: Request) -> None:
         """Put a request into the next round without waiting for it (its answer lands in the memo)."""
-        if self._lookup(request) is not None or self.job.stop:
+        if self._lookup(request, count=False) is not None or self.job.stop:
             return
         name, key = self._key(request)
         self._parked.setdefault(key, _Parked(name, request))

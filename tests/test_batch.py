@@ -405,14 +405,23 @@ def test_judge_stage_sends_both_orders_in_one_round(tmp_path):
         cfg = JobConfig.from_dict({
             "providers": [pconf(srv, "anthropic")], "judge": {"mode": "batch", "answers_a": str(tmp_path / "a.jsonl"),
                                                                "answers_b": str(tmp_path / "b.jsonl")},
-            "output": {"dir": str(tmp_path / "out")}, "cache": {"enabled": False}, "batch": {"poll_interval_s": 0}})
+            "output": {"dir": str(tmp_path / "out")}, "cache": {"dir": str(tmp_path / "cache")},
+            "batch": {"poll_interval_s": 0}})
         ctx = JobContext(cfg, quiet=True)
         res = stage_judge(ctx, tmp_path / "out")
         st = srv.batches.stats()
+        # again into another folder: every request is in the cache, each counted once as a hit
+        cfg2 = cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": str(tmp_path / "out2")})})
+        stage_judge(JobContext(cfg2, quiet=True), tmp_path / "out2")
+        st2 = srv.batches.stats()
     assert st["batches_created"] == 1 and st["lines"] == 12  # 6 pairs x 2 orders in one batch
     assert res.counts["judgments"] == 6
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())["overall"]
     assert summary["n"] == 6 and summary["failed"] == 0 and summary["tie"] == 6  # the fake scores 8 / 7 in both orders
+    assert st2["lines"] == 12 and st2["batches_created"] == 1
+    led2 = json.loads((tmp_path / "out2" / "ledger.json").read_text())["total"]
+    assert led2["cache_hits"] == 12 and led2["requests"] == 0
+    assert json.loads((tmp_path / "out2" / "summary.json").read_text())["overall"] == summary
 
 
 def test_answer_stage_in_batch_mode(tmp_path):

@@ -17,7 +17,9 @@ Wire formats (as the installed SDKs read them):
   completion_window="24h")``; status ``validating`` / ``in_progress`` / ``finalizing`` /
   ``cancelling`` while it runs and ``completed`` / ``expired`` / ``cancelled`` / ``failed`` at the
   end; the answers are in ``output_file_id`` and the failed, expired and cancelled lines in
-  ``error_file_id``. Limits: 50,000 requests and 200 MB a file.
+  ``error_file_id``. Limits: 50,000 requests and 200 MB a file. When the answer to ``create`` is
+  lost (a timeout or a 5xx after the batch was made), the batch is looked up by its input file
+  among the newest 100 before the caller retries, so it is not created twice.
 * Anthropic: ``messages.batches.create(requests=[{"custom_id", "params"}])`` with ``params`` as
   ``messages.create`` takes them; ``processing_status`` ``in_progress`` / ``canceling`` /
   ``ended``; ``messages.batches.results(id)`` streams ``succeeded`` / ``errored`` / ``expired`` /

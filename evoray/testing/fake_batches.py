@@ -425,8 +425,8 @@ class FakeBatches:
         if errors:
             b.state, b.errors, b.lines, b.ended_at = "failed", errors, [], time.time()
             self._count("batches_failed")
-        self.batches[b.id] = b
         with self._lock:
+            self.batches[b.id] = b
             self._stats["batches_created"] += 1
             self._stats["lines"] += len(b.lines)
         if self._lose_answer():
@@ -529,8 +529,8 @@ class FakeBatches:
             lines.append((cid, params))
         no = next(self._ids)
         b = _Batch(f"msgbatch_fake{no:06d}", "anthropic", no, lines, self.clock(), time.time())
-        self.batches[b.id] = b
         with self._lock:
+            self.batches[b.id] = b
             self._stats["batches_created"] += 1
             self._stats["lines"] += len(lines)
         return web.json_response(self._anthropic_json(request, b))
