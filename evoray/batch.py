@@ -256,22 +256,23 @@ class BatchRunner:
         status = await self._wait(entry)
         if status is None:  # the provider no longer knows it: submit those requests again
             return await self._resubmit(entry, ids, wanted, "is unknown to the provider")
-        out: dict[str, LineResult] = {}
-        if status.downloadable:
-            requests = {cid: wanted[cid] for cid in ids}
-            try:
-                results = await self._retrying(lambda: self._download(status, requests), "download batch results")
-            except ProviderError as e:
-                if e.status != 404:
-                    raise
-                return await self._resubmit(entry, ids, wanted, "has no results any more (they expire)")
-            out.update(results)
-        why = status.error or f"batch {status.id} ended {status.state}"
+        if not status.downloadable:
+            # the batch failed as a whole (a file the provider refused, an enqueued-token limit): stop
+            # the stage rather than send every request online at twice the price; a re-run submits anew
+            self.state.collected(entry, (), ids, state=status.state, ended=True)
+            raise ProviderError(f"batch {status.id} failed: {status.error or status.state}; nothing of it was "
+                                f"answered (fix the cause and run again)", provider=self.name,
+                                model=self.provider.model, retryable=False, kind="batch_failed")
+        requests = {cid: wanted[cid] for cid in ids}
+        try:
+            out = await self._retrying(lambda: self._download(status, requests), "download batch results")
+        except ProviderError as e:
+            if e.status != 404:
+                raise
+            return await self._resubmit(entry, ids, wanted, "has no results any more (they expire)")
         for cid in ids:
             if cid not in out:
-                kind = "batch_failed" if not status.downloadable else "missing"
-                msg = why if not status.downloadable else f"batch {status.id} ({status.state}) has no result for it"
-                out[cid] = LineResult(cid, None, kind, msg, None, True)
+                out[cid] = LineResult(cid, None, "missing", f"batch {status.id} ({status.state}) has no result for it")
         failed = [cid for cid, r in out.items() if r.completion is None]
         self.state.collected(entry, (cid for cid, r in out.items() if r.completion is not None), failed,
                              state=status.state, ended=True)

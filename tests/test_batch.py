@@ -587,3 +587,20 @@ async def test_a_lost_create_answer_finds_the_batch_instead_of_creating_another(
         await job.aclose()
     assert srv.batches.stats()["batches_created"] == 1 and len(runner.submitted) == 1
     assert all(r.completion is not None for r in results.values())
+
+
+async def test_a_batch_that_fails_as_a_whole_stops_with_its_cause(srv, tmp_path):
+    from evoray.errors import ProviderError
+
+    srv.batches.update(max_lines={"openai": 3, "anthropic": 3})  # the provider refuses the file
+    job, _, runner = make_job(srv, tmp_path)
+    try:
+        with pytest.raises(ProviderError, match="failed: too_many_requests.*at most 3"):
+            await runner.run(requests(5))
+        assert srv.stats()["requests"] == 0  # nothing went online at the online price
+        # fixed: a re-run submits the requests again instead of reading the failed batch
+        srv.batches.update(max_lines={"openai": 50_000, "anthropic": 100_000})
+        results = await runner.run(requests(5))
+    finally:
+        await job.aclose()
+    assert all(r.completion for r in results.values()) and len(runner.submitted) == 2
