@@ -394,7 +394,6 @@ def test_rate_stage_in_batch_mode_gives_the_online_rows(tmp_path, kind):
 
 
 def test_judge_stage_sends_both_orders_in_one_round(tmp_path):
-    from evoray.judge import Judge
     from evoray.stages import stage_judge
 
     a = [{"instruction": f"Question {i}?", "output": f"Answer A{i}."} for i in range(6)]
