@@ -88,7 +88,7 @@ def cmd_job(args) -> int:
 def _write_job_ledger(ctx, outdir: Path, cmd: str, quiet: bool) -> None:
     from .ledger import Ledger
 
-    if ctx._session is None:
+    if ctx._session is None and not ctx.ledger.by_provider:
         # nothing ran (every stage was complete): keep the stages' ledgers, say no request was sent
         led = Ledger()
         if not (outdir / "ledger.json").exists() or cmd == "run":

@@ -21,6 +21,8 @@ from .errors import ConfigError, MissingKeyError
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "local": None}
 ROLES = ("rater", "evol", "optimizer", "judge", "answer")
 STAGES = ("ingest", "optimize", "evolve", "answer", "rate", "judge")
+#: stages that can run in batch mode -> (their config section, their role)
+BATCH_STAGES = {"rate": ("rate", "rater"), "answer": ("answer", "answer"), "judge": ("judge", "judge")}
 
 
 class Base(BaseModel):
@@ -32,6 +34,22 @@ class Base(BaseModel):
 class Price(Base):
     input_per_mtok: float = Field(0.0, ge=0, description="dollars per million input tokens")
     output_per_mtok: float = Field(0.0, ge=0, description="dollars per million output tokens")
+    batch_discount: float = Field(
+        0.5, ge=0, le=1,
+        description="batch mode: share of the online price a batched request costs when no explicit batch price is "
+                    "set; 0.5 because OpenAI's Batch API and Anthropic's Message Batches both charge 50 % of the online "
+                    "price (their pricing pages)")
+    batch_input_per_mtok: float | None = Field(
+        None, ge=0, description="batch mode: dollars per million input tokens; null = input_per_mtok * batch_discount")
+    batch_output_per_mtok: float | None = Field(
+        None, ge=0, description="batch mode: dollars per million output tokens; null = output_per_mtok * batch_discount")
+
+    def batch_rates(self) -> tuple[float, float]:
+        """(input, output) dollars per million tokens of a batched request."""
+        pin = self.batch_input_per_mtok if self.batch_input_per_mtok is not None else self.input_per_mtok * self.batch_discount
+        pout = (self.batch_output_per_mtok if self.batch_output_per_mtok is not None
+                else self.output_per_mtok * self.batch_discount)
+        return pin, pout
 
 
 class ProviderConfig(Base):
@@ -111,6 +129,10 @@ class ProviderConfig(Base):
     extra_buffers: bool = Field(
         False, description="kind local: let llama.cpp use its extra weight buffers (runtime repacking, Intel AMX); "
                            "off because the AMX path crashed (SIGSEGV) on an Intel Xeon here")
+    mode: Literal["online", "batch"] = Field(
+        "online", description="kinds openai/anthropic: how the rate, answer and judge stages whose role uses this "
+                              "provider send requests when the stage's own mode is null: online (one request at a time) "
+                              "or batch (the provider's batch API at its batch price; see the README's batch mode)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -189,6 +211,9 @@ class RateConfig(Base):
     json_scores: bool = Field(True, description="ask for a JSON score object when the provider supports schemas")
     parse_retries: int = Field(2, ge=0, description="ask again this many times when a reply has no score")
     max_tokens: int = Field(256, ge=8, description="max tokens of a rating reply")
+    mode: Literal["online", "batch"] | None = Field(
+        None, description="online (the Ray pool) or batch (the providers' batch APIs, half price, answers within 24 h); "
+                          "null = batch when every provider of the stage's role has mode batch, else online")
 
 
 class EvolveConfig(Base):
@@ -233,11 +258,33 @@ class JudgeConfig(Base):
         False, description="ask for the verdict as a JSON object {score_1, score_2, explanation} (schema-constrained "
                            "where the provider supports it) instead of the paper's two scores on the first line; "
                            "helps small local models")
+    mode: Literal["online", "batch"] | None = Field(
+        None, description="online (the Ray pool) or batch (the providers' batch APIs, half price, answers within 24 h); "
+                          "null = batch when every provider of the stage's role has mode batch, else online")
 
 
 class AnswerConfig(Base):
     max_tokens: int = Field(512, ge=8, description="max tokens of an answer")
     temperature: float = Field(0.0, ge=0, le=2, description="answer sampling temperature")
+    mode: Literal["online", "batch"] | None = Field(
+        None, description="online (the Ray pool) or batch (the providers' batch APIs, half price, answers within 24 h); "
+                          "null = batch when every provider of the stage's role has mode batch, else online")
+
+
+class BatchConfig(Base):
+    """How stages in batch mode use the providers' batch APIs (OpenAI Batch API, Anthropic Message Batches)."""
+
+    poll_interval_s: float = Field(30.0, ge=0, description="seconds between two status polls of a submitted batch")
+    max_requests: int = Field(
+        20_000, ge=1, le=100_000,
+        description="requests per submitted batch, and rows the driver holds per batch; capped by each API's own "
+                    "limit (OpenAI 50,000 requests / 200 MB a batch, Anthropic 100,000 / 256 MB)")
+    max_in_flight: int = Field(4, ge=1, description="batches of rows submitted and waited on at once")
+    retry: Literal["online", "batch"] = Field(
+        "online", description="where failed, expired or cancelled lines go: online (at once, through the normal "
+                              "client and its rate limits, online price) or batch (into the next batch)")
+    max_rounds: int = Field(3, ge=1, description="retry batch: batches a line may go through before it fails")
+    online_concurrency: int = Field(16, ge=1, description="online retries of failed lines in flight at once")
 
 
 class JobConfig(Base):
@@ -258,6 +305,7 @@ class JobConfig(Base):
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="Auto Evol-Instruct optimization")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="pairwise judge")
     answer: AnswerConfig = Field(default_factory=AnswerConfig, description="answering instructions")
+    batch: BatchConfig = Field(default_factory=BatchConfig, description="batch mode (rate, answer, judge with mode batch)")
     pipeline: list[Literal["ingest", "optimize", "evolve", "answer", "rate", "judge"]] = Field(
         default_factory=lambda: ["optimize", "evolve", "rate"], description="stages evoray run executes in order"
     )
@@ -286,6 +334,34 @@ class JobConfig(Base):
                 if n not in names:
                     raise ValueError(f"role '{role}' names unknown provider '{n}' (providers: {', '.join(names)})")
         return self
+
+    @model_validator(mode="after")
+    def _modes(self):
+        # the pipeline's stages are checked on load; a stage run on its own is checked when it starts
+        for stage in (s for s in self.pipeline if s in BATCH_STAGES):
+            try:
+                self.stage_mode(stage)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    def stage_mode(self, stage: str) -> str:
+        """``online`` or ``batch`` for the rate, answer or judge stage (other stages are online).
+
+        The stage's own ``mode`` wins; when it is null the stage runs in batch mode when every
+        provider of its role has ``mode: batch``, online when none has; a role whose providers
+        disagree is an error that asks for the stage's ``mode``.
+        """
+        if stage not in BATCH_STAGES:
+            return "online"
+        section, role = BATCH_STAGES[stage]
+        own = getattr(self, section).mode
+        if own is not None:
+            return own
+        modes = {p.mode for p in self.providers_for(role)}
+        if len(modes) > 1:
+            raise ConfigError(f"role '{role}' mixes providers with mode batch and online: set {section}.mode")
+        return modes.pop()
 
     def providers_for(self, role: str) -> list[ProviderConfig]:
         names = self.roles.get(role) or [p.name for p in self.providers]

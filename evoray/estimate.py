@@ -47,6 +47,10 @@ Dollars
     ``(input_tokens * input_per_mtok + output_tokens * output_per_mtok) / 1e6`` with the prices of
     the providers serving the call's role (``roles:``; optimize uses ``evol`` and ``optimizer``).
     With several providers the weight-averaged price is used (``weight:``) and the line says so.
+    The rate, answer and judge stages can run in batch mode (``mode: batch``, see
+    :mod:`evoray.batch`), so their cost is also shown at the providers' batch prices
+    (``Price.batch_rates``: half the online price unless set); ``dollars`` is the online cost,
+    ``batch_dollars`` the batch cost, and the total "as configured" follows each stage's ``mode``.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import JobConfig, ProviderConfig
+from .config import BATCH_STAGES, JobConfig, ProviderConfig
 from .errors import ConfigError, UsageError
 
 SAMPLE_ROWS = 200
@@ -105,6 +109,7 @@ class CallEstimate:
     output_per_mtok: float
     counter: str  # "tiktoken:<encoding>" or "approx"
     price_note: str = ""
+    batch_dollars: float | None = None  # at the batch price; None when the stage cannot run in batch mode
 
 
 @dataclass
@@ -116,9 +121,11 @@ class StageEstimate:
     requests: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    dollars: float = 0.0
+    dollars: float = 0.0  # online
     calls: list[CallEstimate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    batch_dollars: float | None = None  # at the batch price (stages that can run in batch mode)
+    mode: str = "online"  # the stage's mode in the config
 
     def add(self, call: CallEstimate) -> None:
         self.calls.append(call)
@@ -126,11 +133,19 @@ class StageEstimate:
         self.input_tokens += call.input_tokens
         self.output_tokens += call.output_tokens
         self.dollars += call.dollars
+        if call.batch_dollars is not None:
+            self.batch_dollars = (self.batch_dollars or 0.0) + call.batch_dollars
+
+    @property
+    def configured_dollars(self) -> float:
+        """The cost in the stage's configured mode."""
+        return self.batch_dollars if self.mode == "batch" and self.batch_dollars is not None else self.dollars
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage, "rows": self.rows, "requests": self.requests,
             "input_tokens": self.input_tokens, "output_tokens": self.output_tokens, "dollars": self.dollars,
+            "batch_dollars": self.batch_dollars, "mode": self.mode,
             "calls": [c.__dict__ for c in self.calls], "notes": list(self.notes),
         }
 
@@ -232,9 +247,14 @@ class _RolePricing:
     output_per_mtok: float
     note: str
     counter: TokenCounter
+    batch_input_per_mtok: float = 0.0
+    batch_output_per_mtok: float = 0.0
 
     def dollars(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+    def batch_dollars(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.batch_input_per_mtok + output_tokens * self.batch_output_per_mtok) / 1e6
 
 
 def role_pricing(config: JobConfig, role: str) -> _RolePricing:
@@ -251,7 +271,9 @@ def role_pricing(config: JobConfig, role: str) -> _RolePricing:
         note = "weighted average price of " + ", ".join(f"{p.name} (weight {p.weight:g})" for p in provs)
     else:
         note = ""
-    return _RolePricing(role, provs, pin, pout, note, TokenCounter(provs[0]))
+    bin_ = sum(p.price.batch_rates()[0] * p.weight for p in provs) / total_w
+    bout = sum(p.price.batch_rates()[1] * p.weight for p in provs) / total_w
+    return _RolePricing(role, provs, pin, pout, note, TokenCounter(provs[0]), bin_, bout)
 
 
 # ---- reading rows --------------------------------------------------------------------------------------
@@ -309,8 +331,9 @@ class _Builder:
         pr = self.pricing(role)
         tin = int(round(requests * per_request_in))
         tout = int(round(requests * per_request_out))
+        batch = pr.batch_dollars(tin, tout) if st.stage in BATCH_STAGES else None
         st.add(CallEstimate(kind, role, int(requests), tin, tout, pr.dollars(tin, tout), pr.input_per_mtok,
-                            pr.output_per_mtok, pr.counter.name, pr.note))
+                            pr.output_per_mtok, pr.counter.name, pr.note, batch))
 
     def method(self, st: StageEstimate, upstream_optimize: bool):
         from .evolution.methods import load_method
@@ -479,7 +502,7 @@ def estimate(config: JobConfig, input_path: str | None = None, stages: Sequence[
     current = rows  # the rows the next row-consuming stage receives
     seen_optimize = False
     for stage in stages:
-        st = StageEstimate(stage, current.count if current is not None else 0)
+        st = StageEstimate(stage, current.count if current is not None else 0, mode=config.stage_mode(stage))
         stage_input = current
         if stage == "ingest":
             st.notes.append("reads and writes data only")
@@ -515,23 +538,33 @@ def _fmt_usd(x: float) -> str:
 
 
 def format_estimate(estimates: Sequence[StageEstimate], detail: bool = True) -> str:
-    """The table ``evoray estimate`` prints: one line per stage and a total, then (``detail``) the
-    calls of each stage, the token counter and price used, and the assumptions."""
-    header = ("stage", "rows", "requests", "input tokens", "output tokens", "dollars")
-    lines_data = [(e.stage, _fmt_int(e.rows), _fmt_int(e.requests), _fmt_int(e.input_tokens),
-                   _fmt_int(e.output_tokens), _fmt_usd(e.dollars)) for e in estimates]
-    total = ("total", "", _fmt_int(sum(e.requests for e in estimates)),
+    """The table ``evoray estimate`` prints: one line per stage and a total, online and batch cost
+    side by side, then (``detail``) the calls of each stage, the token counter and price used, and
+    the assumptions."""
+    header = ("stage", "mode", "rows", "requests", "input tokens", "output tokens", "dollars", "batch dollars")
+
+    def batch_cell(e: StageEstimate) -> str:
+        return _fmt_usd(e.batch_dollars) if e.batch_dollars is not None else "-"
+
+    lines_data = [(e.stage, e.mode, _fmt_int(e.rows), _fmt_int(e.requests), _fmt_int(e.input_tokens),
+                   _fmt_int(e.output_tokens), _fmt_usd(e.dollars), batch_cell(e)) for e in estimates]
+    batch_total = sum(e.batch_dollars if e.batch_dollars is not None else e.dollars for e in estimates)
+    total = ("total", "", "", _fmt_int(sum(e.requests for e in estimates)),
              _fmt_int(sum(e.input_tokens for e in estimates)), _fmt_int(sum(e.output_tokens for e in estimates)),
-             _fmt_usd(sum(e.dollars for e in estimates)))
+             _fmt_usd(sum(e.dollars for e in estimates)), _fmt_usd(batch_total))
     rows = [header, *lines_data, total]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
 
     def line(r):
-        return "  ".join(r[0].ljust(widths[0]) if i == 0 else r[i].rjust(widths[i]) for i in range(len(r)))
+        return "  ".join(r[i].ljust(widths[i]) if i < 2 else r[i].rjust(widths[i]) for i in range(len(r)))
 
     out = [line(header), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in lines_data]
     out += ["  ".join("-" * w for w in widths), line(total)]
+    batched = [e.stage for e in estimates if e.mode == "batch"]
+    configured = sum(e.configured_dollars for e in estimates)
+    out.append(f"as configured: {_fmt_usd(configured)} "
+               + (f"({', '.join(batched)} in batch mode)" if batched else "(every stage online)"))
     if detail:
         out.append("")
         for e in estimates:
@@ -541,15 +574,17 @@ def format_estimate(estimates: Sequence[StageEstimate], detail: bool = True) -> 
             for c in e.calls:
                 price = f"${c.input_per_mtok:g}/${c.output_per_mtok:g} per Mtok in/out"
                 extra = f"; {c.price_note}" if c.price_note else ""
+                batch = f"; batch {_fmt_usd(c.batch_dollars)}" if c.batch_dollars is not None else ""
                 out.append(f"  {c.kind:<24} role {c.role:<9} {_fmt_int(c.requests):>9} req  "
                            f"{_fmt_int(c.input_tokens):>12} in  {_fmt_int(c.output_tokens):>11} out  "
-                           f"{_fmt_usd(c.dollars):>10}  [{c.counter}; {price}{extra}]")
+                           f"{_fmt_usd(c.dollars):>10}  [{c.counter}; {price}{batch}{extra}]")
             for n in e.notes:
                 out.append(f"  note: {n}")
         out.append("")
         out.append(f"assumptions: replies use {OUTPUT_FRACTION:g} of max_tokens; tokens by tiktoken for OpenAI models "
                    f"whose encoding is cached, else ~{CHARS_PER_TOKEN} characters a token + {TOKENS_PER_MESSAGE} a message; "
-                   f"prompts built for up to {SAMPLE_ROWS} sampled rows and scaled. Nothing was sent.")
+                   f"prompts built for up to {SAMPLE_ROWS} sampled rows and scaled; batch dollars at the providers' "
+                   f"batch prices (rate, answer and judge can run in batch mode; '-' = online only). Nothing was sent.")
     return "\n".join(out)
 
 

@@ -85,6 +85,10 @@ class JobContext:
                 p.api_key()
 
             self._session = RaySession(self.config, self.address)
+            if self.ledger.by_provider:  # spend of earlier driver-side (batch mode) stages joins the job's gate
+                import ray
+
+                ray.get(self._session.gate.record.remote(self.ledger.to_dict()["providers"]))
         return self._session
 
     def ledger_dict(self) -> dict:

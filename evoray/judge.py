@@ -307,6 +307,13 @@ class Judge:
                          else "unparseable reply")
         return out
 
+    def first_requests(self, pair_row: dict[str, Any]) -> list:
+        """The first ask of both orders (batch mode sends the two in the same round)."""
+        q = question_text(pair_row)
+        a, b = pair_row.get("answer_a") or "", pair_row.get("answer_b") or ""
+        return [build_judge_request(q, a, b, self.config.max_tokens, sample_index=0),
+                build_judge_request(q, b, a, self.config.max_tokens, sample_index=0)]
+
     async def judge(self, pair_row: dict[str, Any]) -> dict[str, Any]:
         """One judgment row: both orders' raw replies and scores, outcomes and the result."""
         q = question_text(pair_row)

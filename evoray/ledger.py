@@ -26,6 +26,7 @@ class ProviderTally:
     output_tokens: int = 0
     dollars: float = 0.0
     model: str = ""
+    batch_requests: int = 0  # lines answered through a provider's batch API (priced at its batch rate)
 
     def add(self, other: "ProviderTally") -> None:
         for k, v in asdict(other).items():
@@ -46,20 +47,24 @@ class Ledger:
             t = self.by_provider[provider] = ProviderTally(model=model)
         return t
 
-    def cost(self, provider: str, input_tokens: int, output_tokens: int) -> float:
+    def cost(self, provider: str, input_tokens: int, output_tokens: int, batch: bool = False) -> float:
+        """Dollars of one request; ``batch``: at the provider's batch rate (``Price.batch_rates``)."""
         p = self.prices.get(provider)
         if p is None:
             return 0.0
-        return (input_tokens * p.input_per_mtok + output_tokens * p.output_per_mtok) / 1e6
+        pin, pout = p.batch_rates() if batch else (p.input_per_mtok, p.output_per_mtok)
+        return (input_tokens * pin + output_tokens * pout) / 1e6
 
-    def success(self, provider: str, model: str, input_tokens: int, output_tokens: int, retry: bool) -> None:
+    def success(self, provider: str, model: str, input_tokens: int, output_tokens: int, retry: bool,
+                batch: bool = False) -> None:
         t = self._t(provider, model)
         t.requests += 1
         t.succeeded += 1
         t.retries += int(retry)
+        t.batch_requests += int(batch)
         t.input_tokens += input_tokens
         t.output_tokens += output_tokens
-        t.dollars += self.cost(provider, input_tokens, output_tokens)
+        t.dollars += self.cost(provider, input_tokens, output_tokens, batch)
 
     def failure(self, provider: str, model: str, status: int | None, retry: bool) -> None:
         t = self._t(provider, model)
@@ -114,5 +119,6 @@ class Ledger:
             lines.append(
                 f"  {name:<12} {t.model[:28]:<28} requests {t.requests:>7}  cache hits {t.cache_hits:>7}  "
                 f"retries {t.retries:>5}  429s {t.rate_limited:>5}  tokens {t.input_tokens:>9}+{t.output_tokens:<9} ${t.dollars:.4f}"
+                + (f"  ({t.batch_requests} batched)" if t.batch_requests else "")
             )
         return lines

@@ -454,7 +454,7 @@ def _section_judge(ctx: _Ctx) -> str:
     return "".join(parts)
 
 
-_LEDGER_COLS = (("requests", "requests"), ("cache hits", "cache_hits"), ("retries", "retries"),
+_LEDGER_COLS = (("requests", "requests"), ("batched", "batch_requests"), ("cache hits", "cache_hits"), ("retries", "retries"),
                 ("429s", "rate_limited"), ("errors", "errors"), ("input tokens", "input_tokens"),
                 ("output tokens", "output_tokens"), ("dollars", "dollars"))
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .batch_stage import stage_runner
 from .config import JobConfig
 from .errors import BudgetExceeded, UsageError
 from .jobs import (JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
@@ -97,7 +98,7 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
         return batch.set_column(batch.schema.get_field_index("status"), "status",
                                 pc.if_else(scored, verdict, status).cast(pa.string()))
 
-    return run_pool_stage(ctx, "rate", "rate", input_path, outdir,
+    return stage_runner(ctx, "rate")(ctx, "rate", "rate", input_path, outdir,
                           {"kept": "kept", "rejected": "rejected", "failed": "failed"},
                           cfg.ray.rater_actors, route=route)
 
@@ -110,7 +111,7 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
 
     cfg = ctx.config
     fmt = cfg.output.format
-    counts = run_pool_stage(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
+    counts = stage_runner(ctx, "rate")(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
                             cfg.ray.rater_actors, formats={"_scored": "parquet"})
     scored_path = outdir / "_scored.parquet"
     scored_file = parquet_stream(scored_path) if scored_path.exists() else None
@@ -225,7 +226,7 @@ def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageR
                                   _providers_fp(cfg, "answer"), cfg.output.format)
     if done is not None:
         return done
-    counts = run_pool_stage(ctx, "answer", "answer", input_path, outdir, {"answered": "answered", "failed": "failed"},
+    counts = stage_runner(ctx, "answer")(ctx, "answer", "answer", input_path, outdir, {"answered": "answered", "failed": "failed"},
                             cfg.ray.evolver_actors)
     _check_accounted("answer", counts, ["answered", "failed"])
     _say(ctx, f"[answer] answered {counts.get('answered', 0)}, failed {counts.get('failed', 0)} -> {outdir}")
@@ -263,7 +264,7 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     pairs_path = outdir / "_pairs.parquet"
     pq.write_table(pa.Table.from_pylist(pairs), pairs_path, row_group_size=64)
     fmt = cfg.output.format
-    counts = run_pool_stage(ctx, "judge", "judge", pairs_path, outdir, {"judged": "judgments", "failed": "judgments"},
+    counts = stage_runner(ctx, "judge")(ctx, "judge", "judge", pairs_path, outdir, {"judged": "judgments", "failed": "judgments"},
                             cfg.ray.judge_actors, schema=schema) if pairs else {"judgments": 0, "input": 0}
     pairs_path.unlink(missing_ok=True)
     # prompts only one side answered are reported as failed judgments, never dropped

@@ -73,5 +73,6 @@ def _judge(config, clients, extra):
         out["status"] = "failed" if out.get("result") == "failed" else "judged"
         return out
 
+    work.first_requests = judge.first_requests  # batch mode: both orders in one round
     work.schema = JUDGMENT_SCHEMA.append(pa.field("status", pa.string())).append(pa.field("_worker", pa.string()))
     return work

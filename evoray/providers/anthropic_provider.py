@@ -94,7 +94,8 @@ class AnthropicProvider(SDKProvider):
     def prepare(self) -> None:
         self._sdk().messages  # builds the client and its resource objects
 
-    async def complete(self, request: Request) -> Completion:
+    def message_params(self, request: Request) -> dict[str, Any]:
+        """The ``messages.create`` arguments for ``request`` (also each request's params in batch mode)."""
         system, messages = to_anthropic_messages(request.messages)
         kwargs: dict[str, Any] = dict(model=self.model, messages=messages, max_tokens=request.max_tokens)
         if "temperature" in _create_params(self._sdk().messages):
@@ -103,7 +104,15 @@ class AnthropicProvider(SDKProvider):
             kwargs["system"] = system
         if self.structured_mode(request) not in (None, "none"):
             kwargs["output_config"] = {"format": {"type": "json_schema", "schema": _plain_schema(request.json_schema)}}
-        resp, headers = await self._call(self._create_raw, **kwargs)
+        return kwargs
+
+    async def complete(self, request: Request) -> Completion:
+        resp, headers = await self._call(self._create_raw, **self.message_params(request))
+        return self.completion_from_message(resp, request, headers)
+
+    def completion_from_message(self, resp: Any, request: Request, headers: Any = None) -> Completion:
+        """The Completion in a ``Message`` (a reply, or a succeeded line of a message batch, which
+        has no headers)."""
         blocks = getattr(resp, "content", None) or []
         text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", "") == "text")
         if not blocks:
@@ -117,7 +126,7 @@ class AnthropicProvider(SDKProvider):
             provider=self.name,
             model=getattr(resp, "model", None) or self.model,
             finish_reason=getattr(resp, "stop_reason", None),
-            limits=rate_limit_info(headers),
+            limits=rate_limit_info(headers) if headers is not None else None,
         )
 
     async def _create_raw(self, **kwargs: Any):

@@ -78,15 +78,15 @@ class OpenAIProvider(SDKProvider):
         self._sdk().chat.completions  # builds the client and its resource objects
 
     async def complete(self, request: Request) -> Completion:
-        kwargs = self.body(request)
-        resp = await self._call(self._sdk().post, path="/chat/completions", body=kwargs,
+        resp = await self._call(self._sdk().post, path="/chat/completions", body=self.chat_body(request),
                                 cast_to=_http_response_class(self._sdk_module()), options=_CHAT_OPTIONS)
         comp = self._completion(resp.content, request.json_schema is not None)
         comp.limits = rate_limit_info(resp.headers)
         return comp
 
-    def body(self, request: Request) -> dict[str, Any]:
-        """The JSON body for a request, under the capability choices in effect now."""
+    def chat_body(self, request: Request) -> dict[str, Any]:
+        """The Chat Completions request body for ``request`` under the capability choices in effect
+        now (also each line's body in batch mode)."""
         c = self.choices
         kwargs: dict[str, Any] = dict(
             model=self.model,

@@ -16,7 +16,8 @@ Endpoints:
   json_object answered with JSON text);
 - ``POST /v1/messages``: Anthropic Messages (top-level ``system``; ``output_format`` /
   ``output_config.format`` json_schema, or a forced tool, answered with JSON);
-- ``GET /stats`` (the dict :meth:`FakeLLMServer.stats` returns) and ``GET /health``.
+- ``GET /stats`` (the dict :meth:`FakeLLMServer.stats` returns) and ``GET /health``;
+- the batch endpoints of both APIs (``srv.batches``, :mod:`evoray.testing.fake_batches`).
 
 Each POST goes through, in order: the key check (401), the rpm and tpm limits (429 with
 ``retry-after`` and ``retry-after-ms``; by default a strict sliding window that counts rejected
@@ -732,6 +733,9 @@ class FakeLLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        from .fake_batches import FakeBatches  # the batch endpoints (OpenAI Files/Batches, Anthropic Message Batches)
+
+        self.batches = FakeBatches(self)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -821,6 +825,7 @@ class FakeLLMServer:
         app.router.add_post(ANTHROPIC_PATH, self._handle_anthropic)
         app.router.add_get("/stats", self._handle_stats)
         app.router.add_get("/health", self._handle_health)
+        self.batches.mount(app)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handle_signals=False)
         await runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
