@@ -71,7 +71,8 @@ MAX_LEASE = 64
 CLIENT_TTL_S = 2 * LEASE_HORIZON_S
 #: a job's registered limits lapse after this long without a lease or report from it
 JOB_TTL_S = 30.0
-#: a permit may be used this much after its time; later it is dropped (late use would bunch)
+#: a permit may be used this much after its time; later it is dropped (late use would bunch), both
+#: when it is handed out and when the request sleeping on it wakes up
 LATE_TOLERANCE_S = 0.005
 #: permit lateness / wait samples a client sends with one report (the gate keeps the latest 50,000)
 SAMPLES_PER_REPORT = 256
@@ -753,6 +754,7 @@ class PermitPool:
         self.watch_calls = 0
         self.permits_received = 0
         self.dropped = 0
+        self.late_dropped = 0  # permits this process woke up for too late to use (see take)
         self.taken = 0
         self.waited_s: list[float] = []
 
@@ -791,6 +793,12 @@ class PermitPool:
             ok = await self._sleep_until(t, pid, gen)
             if ok and gen == self._gen:
                 now = self._now()
+                if now - t > LATE_TOLERANCE_S:
+                    # the loop woke us late (a busy or starved process): sending now would bunch this
+                    # request with the ones granted after it, so the permit is dropped, never used late
+                    self.dropped += 1
+                    self.late_dropped += 1
+                    continue
                 self.taken += 1
                 self.waited_s.append(now - t_ask)
                 if len(self.waited_s) > 4096:
@@ -980,7 +988,7 @@ class PermitPool:
         ws = sorted(self.waited_s)
         return {"lease_calls": self.lease_calls, "watch_calls": self.watch_calls, "permits": self.permits_received,
                 "taken": self.taken,
-                "dropped": self.dropped,
+                "dropped": self.dropped, "late_dropped": self.late_dropped,
                 "wait_p50_s": ws[len(ws) // 2] if ws else 0.0,
                 "wait_p99_s": ws[min(len(ws) - 1, int(len(ws) * 0.99))] if ws else 0.0}
 
