@@ -142,6 +142,10 @@ def stage_summary(result) -> str:
     text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
     if c.get("budget_stopped"):
         text += f" ({c['budget_stopped']} not done: budget)"
+    if result.failed_job:
+        text += " (too many failed)"
+    if result.stopped:
+        text += f" ({result.stopped})"
     return text + (" (already complete)" if result.skipped else "")
 
 

@@ -61,6 +61,7 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)
     skipped: bool = False
     failed_job: bool = False  # more failed rows than max_failed_fraction allows
+    stopped: str | None = None  # why an unfinished stage stopped (its finished rows are kept)
 
 
 class JobContext:
@@ -385,6 +386,7 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     (outdir / "_nodes.json").write_text(json.dumps(sorted(nodes)))
     if lost is not None:
         kept = sum(s.rows for s in sinks.values())
+        ctx.results.append(StageResult(stage, outdir, counts, stopped="unfinished: Ray was lost"))
         (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "ray_lost", "detail": lost.detail,
                                                   "counts": counts}, indent=2))
         raise RayLost(lost.detail, f"Ray was lost under the job ({lost.detail}); stage {stage}: {kept} finished "
