@@ -133,9 +133,9 @@ class RaySession:
         from evoray.raydata import TASKS_PER_ACTOR, pool_block_rows, read_ahead_mb
 
         cfg = self.config.ray
-        remote_args = {}
-        if cfg.spread:
-            remote_args["scheduling_strategy"] = "SPREAD"
+        # no scheduling_strategy here: Ray Data (2.60) spreads a pool's actors by default
+        # (DataContext.scheduling_strategy "SPREAD"), and passing it through map_batches'
+        # ray_remote_args is deprecated (a RayDeprecationWarning on every stage)
         # blocks small enough that every actor gets work from a single input file, large enough that
         # Ray Data's per-block bookkeeping in the driver stays small at a million rows
         block_rows = pool_block_rows(total_rows, cfg.batch_size, n_actors)
@@ -155,7 +155,6 @@ class RaySession:
             num_cpus=cfg.actor_num_cpus,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            **remote_args,
         )
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             yield batch

@@ -117,7 +117,9 @@ class RayConfig(Base):
     actor_concurrency: int = Field(16, ge=1, description="requests in flight inside each pool actor")
     batch_size: int = Field(64, ge=1, description="rows per map_batches batch")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started for the job (default: all)")
-    spread: bool = Field(False, description="spread pool actors over nodes (SPREAD scheduling)")
+    spread: bool = Field(
+        False, description="spread the optimizer's candidate actors and the local-model replicas over nodes (SPREAD "
+                           "scheduling); Ray Data spreads the rater, evolver and judge pools by default")
     object_store_mb: int | None = Field(
         None, ge=64,
         description="object store MiB of a local Ray started for the job (default: Ray's, 30% of RAM); every "

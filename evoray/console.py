@@ -163,7 +163,8 @@ class RayLogRoute:
         ray_dir = os.path.dirname(sys.modules["ray"].__file__)
 
         def showwarning(message, category, filename, lineno, file=None, line=None):
-            if str(filename).startswith(ray_dir):
+            # Ray's own warning classes (RayDeprecationWarning) point at the caller's line: Ray's too
+            if str(filename).startswith(ray_dir) or getattr(category, "__module__", "").startswith("ray."):
                 self.write(warnings.formatwarning(message, category, filename, lineno, line))
             else:
                 self._showwarning(message, category, filename, lineno, file, line)
