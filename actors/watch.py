@@ -10,7 +10,8 @@ Two ways Ray ends under a driver:
 
 :class:`RayWatch` covers the second: a thread that checks every ``poll_s`` that the local Ray's
 ``gcs_server`` and ``raylet`` processes live (for a Ray the job started) or that the GCS answers a
-tiny key-value read (for a cluster it connected to). When they are gone it interrupts the main
+tiny key-value read (for a cluster it connected to: 5 missed reads in a row, about 30 s, half of
+what Ray itself allows). When they are gone it interrupts the main
 thread with :class:`~evoray.errors.RayLost` (a signal whose handler raises it), so the stage
 writes its finished rows and the CLI prints one line and exits 1 long before Ray's own exit.
 """
@@ -55,7 +56,7 @@ def ray_loss(exc: BaseException) -> str | None:
 class RayWatch:
     """A daemon thread that notices a lost Ray and interrupts the main thread (see the module)."""
 
-    def __init__(self, local: bool, poll_s: float = 1.0, probe_timeout_s: float = 5.0, misses: int = 3):
+    def __init__(self, local: bool, poll_s: float = 1.0, probe_timeout_s: float = 5.0, misses: int = 5):
         self.local = local
         self.poll_s = poll_s
         self.probe_timeout_s = probe_timeout_s
@@ -87,8 +88,12 @@ class RayWatch:
         raise RayLost(self.lost or "Ray stopped")
 
     def _run(self) -> None:
+        import ray
+
         missed = 0
         while not self._stop.wait(self.poll_s):
+            if not ray.is_initialized():
+                return  # shut down on purpose (a test, or the job's end before stop())
             reason = self.check_processes() if self.local else None
             if reason is None and not self.local:
                 if self.probe():

@@ -93,7 +93,7 @@ def cmd_job(args) -> int:
         _write_job_ledger(ctx, outdir, cmd, quiet)
     finally:
         ctx.close()
-    if isinstance(error, (KeyboardInterrupt, UsageError)):
+    if error is not None and (not isinstance(error, Exception) or isinstance(error, UsageError)):
         raise error  # the CLI's own messages (interrupted; bad usage, exit 2)
     if error is None and cmd == "run":
         from .report import write_report

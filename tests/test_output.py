@@ -321,3 +321,19 @@ def test_killed_local_ray_is_reported_in_one_line_and_finished_rows_are_kept(sha
     assert 0 < len(ids) < 600 and len(set(ids)) == len(ids)
     assert not (out / "_SUCCESS.json").exists()
     assert json.loads((out / "_STOPPED.json").read_text())["reason"] == "ray_lost"
+
+
+def test_ray_loss_names_lost_ray_and_not_a_failing_task():
+    import ray.exceptions as rex
+
+    from actors.watch import ray_loss
+    from evoray.errors import RayLost
+
+    assert ray_loss(rex.LocalRayletDiedError()) == "the raylet of this node died"
+    assert ray_loss(rex.RpcError("Timed out while waiting for GCS to become available.")).startswith("the Ray cluster's head")
+    wrapped = RuntimeError("iteration failed")
+    wrapped.__cause__ = rex.NodeDiedError("node 1 died")
+    assert ray_loss(wrapped) == "a Ray node died"
+    assert ray_loss(RayLost("the local Ray's GCS process ended")) == "the local Ray's GCS process ended"
+    assert ray_loss(ValueError("a bug in a stage")) is None
+    assert ray_loss(rex.GetTimeoutError("timed out")) is None
