@@ -148,6 +148,8 @@ class JobContext:
         """Where Ray's logs are, for messages."""
         if self.route is not None:
             return self.route.where()
+        if self.log_path is not None:  # Ray never started: the CLI writes the traceback there
+            return str(self.log_path)
         try:
             import ray._private.worker as rw
 
