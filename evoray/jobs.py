@@ -188,13 +188,18 @@ class JobContext:
         try:
             provs = (self._session.gate_status() or {}).get("providers", {})
             parts.append(f"{sum(int(v.get('inflight', 0)) for v in provs.values())} request(s) in flight")
+            kinds = {p.name: p for p in self.config.providers}
             for name, v in provs.items():
+                pc_ = kinds.get(name)
                 if v.get("paused"):
                     state = "paused after a 429"
                 elif v.get("cooling"):
                     state = "cooling down after repeated failures"
                 elif not v.get("granted") and not v.get("inflight"):
                     state = "no request counted (without rpm/tpm/max_concurrency the gate does not see them)"
+                    if pc_ is not None and pc_.kind == "local":
+                        state = (f"local model, {pc_.replicas} replica(s) answering one request at a time each "
+                                 f"(timeout_s {pc_.timeout_s:g})")
                 else:
                     state = f"{v.get('inflight', 0)} in flight, {v.get('granted', 0)} sent so far"
                 parts.append(f"provider {name}: {state}")
