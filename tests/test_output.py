@@ -177,8 +177,8 @@ def _job(tmp_path: Path, srv, name: str, **extra) -> Path:
 
 @pytest.mark.ray
 def test_quiet_commands_print_only_their_final_line(ray_session, shared_data, fake_key, tmp_path, capfd):
-    """Every command with --quiet: stdout is the final line (naming outputs and counts), stderr is empty,
-    and Ray's own lines (the core_worker line among them) are in OUTDIR/logs/ray.log."""
+    """Every command with --quiet: stdout is the final line (naming outputs and counts), and stderr is
+    empty (captured at the file descriptor: Ray's C++ lines would show)."""
     rows = tmp_path / "rows.parquet"
     with FakeLLMServer(FakeServerConfig(latency_s=0.002), responder=PipelineResponder()) as srv:
         def quiet(argv: list[str], first: str) -> str:
@@ -206,8 +206,7 @@ def test_quiet_commands_print_only_their_final_line(ray_session, shared_data, fa
         line = quiet(["run", str(run), "-o", str(tmp_path / "run")], "evoray run done in ")
         assert "evolve " in line and "; rate " in line and "(report: report.html)" in line
         quiet(["report", str(tmp_path / "run")], "report: ")
-    log = (tmp_path / "rate" / "logs" / "ray.log").read_text()
-    assert "constructor arguments in the object store" in log  # Ray's core_worker line, kept out of view
+    assert (tmp_path / "rate" / "logs" / "ray.log").exists()
 
 
 @pytest.mark.ray
@@ -274,6 +273,8 @@ def test_quiet_600_row_rate_prints_one_line_and_closes_every_client(shared_data,
     assert stderr == "", stderr
     assert stdout.count("\n") == 1 and re.match(r"evoray rate done in [\d.]+s: rate \d+ kept, \d+ rejected, 0 failed "
                                                 r"of 600; no failed rows -> ", stdout), stdout
+    # Ray's core_worker line about constructor arguments (once per process) is in the log, not on screen
+    assert "constructor arguments in the object store" in (out / "logs" / "ray.log").read_text()
     logs = _session_logs(out)
     worker_text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
     worker_text += (out / "logs" / "ray.log").read_text()
