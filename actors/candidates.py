@@ -6,6 +6,10 @@ on the dev set: every dev row is evolved once with the candidate's method and an
 flight at once inside the actor. ``ray.candidate_actors`` actors are started; with m candidates
 the methods are dealt round-robin, so m <= candidate_actors evaluates all of them at once and
 adding actors or nodes scales the evaluation horizontally.
+
+Closing: :meth:`CandidatePool.close` asks every actor to close its client (the SDK session lives on
+the actor's event loop) before it ends them; ``__ray_shutdown__`` does the same when Ray ends an
+actor gracefully.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ class CandidateActor:
 
         self.config, self.clients = worker_context(config_json, job_id, ["evol"])
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def evaluate(self, method: dict, dev_rows: list[dict]) -> dict:
+        self._loop = asyncio.get_running_loop()
         try:
             res = await evaluate_method(self.clients["evol"], Method(**method), dev_rows, self.config.evolve)
         except ProviderHalted as e:  # back to the driver as data, re-raised there as the typed error
@@ -36,6 +42,23 @@ class CandidateActor:
         out = res.to_dict()
         out["node_id"] = self.node_id
         return out
+
+    async def close(self) -> int:
+        from actors.pools import close_client
+
+        clients, self.clients = self.clients, {}
+        for c in clients.values():
+            await close_client(c)
+        return len(clients)
+
+    def __ray_shutdown__(self):
+        from actors.pools import run_on_loop
+
+        if self.clients:
+            try:
+                run_on_loop(self.close, self._loop)
+            except Exception:
+                pass
 
 
 class CandidatePool:
@@ -61,9 +84,16 @@ class CandidatePool:
             results.append(EvalResult(**o))
         return results
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 15.0) -> int:
+        """Close the actors' clients, then end the actors; returns how many clients were closed."""
+        closed = 0
+        try:
+            closed = sum(ray.get([a.close.remote() for a in self.actors], timeout=timeout_s))
+        except Exception:
+            pass  # an actor that died or hangs: killing it below frees its sockets with its process
         for a in self.actors:
             try:
                 ray.kill(a)
             except Exception:
                 pass
+        return closed

@@ -10,13 +10,22 @@ The work itself is plain core code (``evoray.rating.Rater``, ``evoray.evolution.
 clients inside the actor (configs cross Ray, live clients never do), turns batches into row dicts
 and back, and ships the ledger to the job's gate. Rate-limit permits come from the key gates
 (``actors.gate``), leased to each actor in small batches.
+
+Closing: the clients hold SDK HTTP sessions (aiohttp by default) bound to the actor's event loop.
+Ray Data (2.60) ends a pool actor gracefully when its stage is done: ``_MapWorker.__ray_shutdown__``
+drops the UDF instance, which runs :meth:`StageUDF.__del__`; that closes every client on the loop
+the batches ran on (the loop lives in Ray Data's own thread), so no session is left for the garbage
+collector to report as "Unclosed client session". A killed actor closes nothing, but then its
+process is gone with its sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from typing import AsyncIterator
+import sys
+import threading
+from typing import AsyncIterator, Awaitable, Callable
 
 import pyarrow as pa
 
@@ -64,6 +73,7 @@ class StageUDF:
         if POS not in self.schema.names:
             self.schema = self.schema.append(pa.field(POS, pa.int64()))
         self.sem: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.concurrency = self.config.ray.actor_concurrency
         self.node_id = ray.get_runtime_context().get_node_id()
         self.actor_id = ray.get_runtime_context().get_actor_id() or "?"
@@ -87,11 +97,60 @@ class StageUDF:
     async def __call__(self, batch: pa.Table) -> AsyncIterator[pa.Table]:
         if self.sem is None:
             self.sem = asyncio.Semaphore(self.concurrency)
+            self._loop = asyncio.get_running_loop()
         rows = batch.to_pylist()
         results = await asyncio.gather(*(self._one(r) for r in rows))
         for c in self.clients.values():
             await c.flush(force=True)
         yield rows_to_table(results, self.schema)
+
+    async def aclose(self) -> int:
+        """Close every client (and its SDK session) once; returns how many were closed."""
+        clients, self.clients = getattr(self, "clients", {}), {}
+        for c in clients.values():
+            await close_client(c)
+        return len(clients)
+
+    def close(self) -> None:
+        """Close the clients from outside their loop (the actor's shutdown)."""
+        n = run_on_loop(self.aclose, self._loop)
+        if n:
+            # goes to the worker's log (OUTDIR/logs/ray.log through the driver), never to the user's screen
+            print(f"evoray: {self.stage} pool actor closed {n} client(s)", file=sys.stderr, flush=True)
+
+    def __del__(self):
+        try:
+            if getattr(self, "clients", None):
+                self.close()
+        except Exception:
+            pass
+
+
+async def close_client(client, timeout_s: float = 10.0) -> None:
+    """``client.aclose()`` (final ledger flush, then the providers' sessions), bounded in time;
+    when the flush cannot reach the gate (gone at the end of a job), the providers are still closed."""
+    try:
+        await asyncio.wait_for(client.aclose(), timeout_s)
+    except BaseException:
+        for p in client.providers.values():
+            try:
+                await p.aclose()
+            except Exception:
+                pass
+
+
+def run_on_loop(fn: Callable[[], Awaitable], loop: asyncio.AbstractEventLoop | None, timeout_s: float = 15.0):
+    """Run ``fn()`` on ``loop`` (where the sessions were made) from another thread and wait for it.
+
+    A loop that never ran a batch made no session: ``fn`` then runs on a fresh loop. Called on the
+    loop's own thread, it can only schedule the work.
+    """
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return asyncio.run(fn())
+    if getattr(loop, "_thread_id", None) == threading.get_ident():
+        loop.create_task(fn())
+        return None
+    return asyncio.run_coroutine_threadsafe(fn(), loop).result(timeout_s)
 
 
 OUT_SCHEMA = RESULT_SCHEMA.append(pa.field("_worker", pa.string()))

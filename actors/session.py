@@ -41,11 +41,18 @@ def local_num_cpus(config: JobConfig) -> int:
     return int((os.cpu_count() or 1) + -(-reserved // 1))
 
 
-def init_ray(address: str | None, num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None, object_store_mb: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray; False when Ray was already initialised (tests).
+
+    Worker output is forwarded to the driver (``log_to_driver``); unless ``--verbose`` the job's
+    :class:`evoray.console.RayLogRoute` writes it, with Ray's own lines, to ``OUTDIR/logs/ray.log``.
+    """
     import ray
 
+    from evoray.console import active_route
+
     if ray.is_initialized():
-        return
+        return False
     kwargs = dict(namespace="evoray", log_to_driver=True, configure_logging=False)
     if address:
         ray.init(address=address, **kwargs)
@@ -53,6 +60,10 @@ def init_ray(address: str | None, num_cpus: int | None = None, object_store_mb: 
         ray.init(num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=object_store_mb * 2**20 if object_store_mb else None, **kwargs)
     _quiet_ray_data()
+    route = active_route()
+    if route is not None:
+        route.ray_started()
+    return True
 
 
 def _quiet_ray_data() -> None:
@@ -135,14 +146,21 @@ class RaySession:
         from evoray.raydata import TASKS_PER_ACTOR, pool_block_rows, read_ahead_mb
 
         cfg = self.config.ray
-        remote_args = {}
-        if cfg.spread:
-            remote_args["scheduling_strategy"] = "SPREAD"
+        # no scheduling_strategy here: Ray Data (2.60) spreads a pool's actors by default
+        # (DataContext.scheduling_strategy "SPREAD"), and passing it through map_batches'
+        # ray_remote_args is deprecated (a RayDeprecationWarning on every stage)
         # blocks small enough that every actor gets work from a single input file, large enough that
         # Ray Data's per-block bookkeeping in the driver stays small at a million rows
         block_rows = pool_block_rows(total_rows, cfg.batch_size, n_actors)
         limit_read_ahead(read_ahead_mb(cfg.read_ahead_mb, n_actors, block_rows, row_bytes))
         ds = ds.repartition(target_num_rows_per_block=block_rows)
+        # Ray Data (2.60) starts pool actors with max_restarts=-1 and hands them its map transformer
+        # and DataContext as object refs, so Ray's core worker logs once per actor "E ... has
+        # constructor arguments in the object store and max_restarts > 0". Safe here: the driver
+        # owns those objects until the stage's execution ends, so a restarted actor finds them
+        # (tests/test_crash_resume.py kills a pool actor mid-stage and every row lands once). The
+        # restarts are what lets a stage survive a lost actor, so they stay; the line goes to
+        # OUTDIR/logs/ray.log with Ray's other lines (on the terminal only with --verbose).
         out = ds.map_batches(
             StageUDF,
             fn_constructor_kwargs=dict(stage=stage, config_json=self._config_json, job_id=self.job_id, extra=extra or {}),
@@ -150,7 +168,6 @@ class RaySession:
             num_cpus=cfg.actor_num_cpus,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            **remote_args,
         )
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             yield batch

@@ -1,7 +1,11 @@
 """The ``evoray`` command line (see INTERFACE.md for the surface).
 
-Errors become exit codes only here: 0 done, 1 the job failed, 2 bad usage / config / input (the
-message names the file and line or the config key), 3 stopped at the budget cap.
+Errors become exit codes only here: 0 done, 1 the job failed (too many failed rows, Ray lost, an
+unexpected error), 2 bad usage / config / input (the message names the file and line or the config
+key), 3 stopped at the budget cap.
+
+Output levels (:mod:`evoray.console`): default = evoray's progress and summary; ``--quiet`` =
+errors only plus the final line; ``--verbose`` = Ray's own log lines too.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import BudgetExceeded, EvorayError, UsageError
+from .errors import BudgetExceeded, EvorayError, RayLost, UsageError
 
 JOB_COMMANDS = ("rate", "judge", "answer", "evolve", "optimize", "run", "estimate")
 
@@ -33,7 +37,14 @@ def _job_args(p: argparse.ArgumentParser, with_input: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config value (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the estimate and send nothing")
-    p.add_argument("--quiet", action="store_true", help="print only errors")
+    _level_args(p)
+
+
+def _level_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", action="store_true", help="print only errors and the final line (outputs and counts)")
+    g.add_argument("--verbose", action="store_true",
+                   help="also print Ray's own log lines (otherwise they go to OUTDIR/logs/ray.log)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", default=None, help="instruction=FIELD,input=FIELD,output=FIELD")
     p.add_argument("--skip-invalid", action="store_true", help="send bad rows to OUT's quarantine file")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N valid rows")
-    p.add_argument("--quiet", action="store_true")
+    _level_args(p)
 
     for name, helptext in [("rate", "AlpaGasus rating and filtering"), ("answer", "answer instructions with a provider"),
                            ("evolve", "evolve instructions with one method"), ("optimize", "Auto Evol-Instruct loop")]:
@@ -63,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _job_args(p)
     p = sub.add_parser("report", help="write OUTDIR/report.html")
     p.add_argument("outdir")
+    _level_args(p)
     p = sub.add_parser("submit", help="run a config on a Ray cluster (Ray Jobs API)")
     p.add_argument("config", nargs="?", help="job config YAML")
     p.add_argument("--address", help="dashboard address, e.g. http://HEAD:8265 (or RAY_ADDRESS)")
@@ -75,15 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.add_argument("-o", "--output", help="output folder on the cluster")
     p.add_argument("--working-dir", help="folder to ship as the job's working_dir (default: the config's folder)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long to wait for the cluster's dashboard and job agent (a fresh head starts them "
+                        "after `ray start` returns) and to retry a dropped log stream; default 300")
+    _level_args(p)
     p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return ap
 
 
 def _setup_logging(quiet: bool) -> None:
+    from .console import CurrentStderrHandler
     from .secrets import install_log_redaction
 
-    logging.basicConfig(level=logging.ERROR if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    if not root.handlers:  # like logging.basicConfig: a host (pytest) that configured logging keeps it
+        h = CurrentStderrHandler()  # follows sys.stderr, which a job's RayLogRoute swaps
+        h.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(h)
+        root.setLevel(logging.ERROR if quiet else logging.INFO)
     install_log_redaction()
 
 
@@ -102,6 +123,22 @@ def _open_sealed_environ() -> int | None:
     return None
 
 
+def describe_error(e: BaseException, logs: str | None = None) -> tuple[str, int]:
+    """The one line printed for an error, and the exit code."""
+    if isinstance(e, BudgetExceeded):
+        return (f"evoray: stopped at the budget cap: {e}. Every finished row is kept; "
+                f"raise budget_usd and run again to resume.", 3)
+    if isinstance(e, UsageError):
+        return f"evoray: error: {e}", 2
+    if isinstance(e, RayLost):
+        return f"evoray: failed: {e}" + (f"; Ray's logs: {logs}" if logs else ""), 1
+    if isinstance(e, EvorayError):
+        return f"evoray: failed: {e}", e.exit_code
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    where = f" (traceback in {logs})" if logs else ""
+    return f"evoray: failed: unexpected {type(e).__name__}: {first}{where}", 1
+
+
 def main(argv: list[str] | None = None) -> int:
     if (code := _open_sealed_environ()) is not None:
         return code
@@ -109,19 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     try:
         return _dispatch(args)
-    except BudgetExceeded as e:
-        print(f"evoray: stopped at the budget cap: {e}. Every finished row is kept; "
-              f"raise budget_usd and run again to resume.", file=sys.stderr)
-        return 3
-    except UsageError as e:
-        print(f"evoray: error: {e}", file=sys.stderr)
-        return 2
-    except EvorayError as e:
-        print(f"evoray: failed: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         print("evoray: interrupted; finished stages are kept, a re-run resumes", file=sys.stderr)
         return 1
+    except EvorayError as e:
+        msg, code = describe_error(e)
+        print(msg, file=sys.stderr)
+        return code
 
 
 def _dispatch(args) -> int:
@@ -134,7 +165,7 @@ def _dispatch(args) -> int:
         from .report import write_report
 
         path = write_report(args.outdir)
-        print(f"report: {path}")
+        print(f"report: {path}")  # the final line, printed at every level
         return 0
     if cmd == "submit":
         from cluster.submit import cmd_submit

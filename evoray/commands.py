@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .config import JobConfig
-from .errors import UsageError
+from .errors import EvorayError, UsageError
 
 
 def cmd_ingest(args) -> int:
@@ -17,14 +17,17 @@ def cmd_ingest(args) -> int:
     mapping = parse_mapping(args.map) if args.map else None
     s = ingest(args.sources, args.output, fmt=args.format, mapping=mapping, skip_invalid=args.skip_invalid,
                limit=args.limit)
+    final = f"ingested {s.rows} row(s) -> {s.out}"
     if not args.quiet:
-        print(f"ingested {s.rows} row(s) -> {s.out}")
+        print(final)
         for src, n in s.per_source.items():
             print(f"  {src}: {n} row(s), format {s.formats.get(src)}")
         if s.duplicates:
             print(f"  {s.duplicates} repeated row(s) kept with distinct ids")
-    if s.quarantined:
-        print(f"{s.quarantined} invalid row(s) quarantined in {s.quarantine_path}", file=sys.stderr)
+        if s.quarantined:
+            print(f"{s.quarantined} invalid row(s) quarantined in {s.quarantine_path}", file=sys.stderr)
+    else:  # the final line names every output and count
+        print(final + (f"; {s.quarantined} invalid row(s) quarantined in {s.quarantine_path}" if s.quarantined else ""))
     return 0
 
 
@@ -40,7 +43,13 @@ def load_config(args) -> JobConfig:
 
 
 def cmd_job(args) -> int:
+    """Run a job command. Errors raised once the job runs are reported here (one line on stderr),
+    followed by the final line on stdout, which every outcome prints: the counts of every stage
+    (kept / rejected / failed, or the stage's own words), the three most common failure reasons and
+    where the outputs are; it names ``OUTDIR/logs/ray.log`` only when something went wrong."""
+    from .console import QUIET, VERBOSE, level_of
     from .jobs import JobContext
+    from .resources import job_stages
     from .stages import run_pipeline, stage_answer, stage_evolve, stage_judge, stage_optimize, stage_rate
 
     cfg = load_config(args)
@@ -52,10 +61,15 @@ def cmd_job(args) -> int:
         est = estimate(cfg, cfg.input.path, stages=stages) if stages else estimate(cfg, cfg.input.path)
         print(format_estimate(est))
         return 0
+    level = level_of(args)
+    quiet = level == QUIET
     outdir = Path(cfg.output.dir)
     outdir.mkdir(parents=True, exist_ok=True)
-    ctx = JobContext(cfg, address=cfg.ray.address, quiet=args.quiet)
+    ctx = JobContext(cfg, address=cfg.ray.address, quiet=quiet, stages=job_stages(cfg, cmd),
+                     log_path=None if level == VERBOSE else outdir / "logs" / "ray.log")
     t0 = time.monotonic()
+    error: BaseException | None = None
+    report = None
     try:
         if cmd == "rate":
             stage_rate(ctx, cfg.input.path, outdir)
@@ -71,23 +85,100 @@ def cmd_job(args) -> int:
             run_pipeline(ctx, outdir, cfg.input.path)
         else:  # pragma: no cover
             raise UsageError(f"unknown command {cmd}")
+    except BaseException as e:
+        lost = ctx.as_ray_loss(e)
+        error = lost if lost is not None else e
+    where = ctx.logs_where() if error is not None else None
+    try:
+        _write_job_ledger(ctx, outdir, cmd, quiet)
     finally:
-        _write_job_ledger(ctx, outdir, cmd, args.quiet)
         ctx.close()
-    if cmd == "run":
+    if error is not None and (not isinstance(error, Exception) or isinstance(error, UsageError)):
+        raise error  # the CLI's own messages (interrupted; bad usage, exit 2)
+    if error is None and cmd == "run":
         from .report import write_report
 
         report = write_report(outdir)
-        if not args.quiet:
-            print(f"report: {report}")
-    if not args.quiet:
-        print(f"done in {time.monotonic() - t0:.1f}s; outputs in {outdir.resolve()}")
-    return 0
+    code = 0
+    if error is not None:
+        from .cli import describe_error
+
+        if not isinstance(error, EvorayError):
+            _keep_traceback(error, ctx.log_path)
+        msg, code = describe_error(error, logs=where)
+        print(msg, file=sys.stderr, flush=True)
+    print(final_line(cmd, ctx.results, outdir, time.monotonic() - t0, code, where, report), flush=True)
+    return code
+
+
+def _keep_traceback(error: BaseException, log_path: Path | None) -> None:
+    """An unexpected error's traceback: into ray.log when there is one (the user sees one line),
+    else on stderr (``--verbose``)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(error))
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print(text, file=sys.stderr, end="")
+
+
+#: words for a stage's row outcomes besides "failed", in the final line
+OUTCOME_WORDS = {"rate": ("kept", "rejected"), "evolve": ("evolved",), "answer": ("answered",), "judge": ("judged",)}
+
+
+def stage_summary(result) -> str:
+    c = result.counts
+    if result.stage == "optimize":
+        if "best_method_id" not in c:
+            return f"optimize {c.get('steps', 0)} step(s)"
+        return (f"optimize best method {c['best_method_id']} (failure rate {c.get('best_failure_rate', 0):.3f}, "
+                f"initial {c.get('initial_failure_rate', 0):.3f}) after {c.get('steps', 0)} step(s)")
+    by = c.get("by_status") or {}
+    parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in OUTCOME_WORDS.get(result.stage, ())]
+    parts.append(f"{c.get('failed', 0)} failed")
+    text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
+    if c.get("budget_stopped"):
+        text += f" ({c['budget_stopped']} not done: budget)"
+    if result.failed_job:
+        text += " (too many failed)"
+    if result.stopped:
+        text += f" ({result.stopped})"
+    return text + (" (already complete)" if result.skipped else "")
+
+
+def final_line(cmd: str, results: list, outdir: Path, elapsed_s: float, code: int, where: str | None,
+               report: Path | str | None = None) -> str:
+    """The last line of every job command (see :func:`cmd_job`)."""
+    from collections import Counter
+
+    from .jobs import format_reasons
+
+    head = {0: "done in", 1: "failed after", 2: "stopped (bad usage) after", 3: "stopped at the budget cap after"}
+    line = f"evoray {cmd} {head.get(code, 'failed after')} {elapsed_s:.1f}s: "
+    line += "; ".join(stage_summary(r) for r in results) if results else "no stage finished"
+    reasons: Counter = Counter()
+    for r in results:
+        reasons.update(r.counts.get("failure_reasons") or {})
+    if any("failed" in r.counts for r in results):
+        line += f"; most common failure reasons: {format_reasons(reasons)}" if reasons else "; no failed rows"
+    line += f" -> {outdir.resolve()}"
+    if report is not None:
+        line += f" (report: {Path(report).name})"
+    if where:
+        line += f"; Ray's log: {where}"
+    return line
 
 
 def _write_job_ledger(ctx, outdir: Path, cmd: str, quiet: bool) -> None:
     from .ledger import Ledger
 
+    if ctx.is_lost():
+        if not quiet:
+            print("ledger: not available (Ray was lost under the job; each stage folder keeps what it wrote)")
+        return
     if ctx._session is None and not ctx.ledger.by_provider:
         # nothing ran (every stage was complete): keep the stages' ledgers, say no request was sent
         led = Ledger()

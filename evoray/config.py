@@ -185,11 +185,17 @@ class RayConfig(Base):
         True, description="lease rate-limit permits to each actor in small batches (its share of the rate); false "
                           "asks the key's gate once per request and awaits the answer (for comparison, B4)")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray started for the job (default: all)")
-    spread: bool = Field(False, description="spread pool actors over nodes (SPREAD scheduling)")
+    spread: bool = Field(
+        False, description="spread the optimizer's candidate actors and the local-model replicas over nodes (SPREAD "
+                           "scheduling); Ray Data spreads the rater, evolver and judge pools by default")
     object_store_mb: int | None = Field(
         None, ge=64,
         description="object store MiB of a local Ray started for the job (default: Ray's, 30% of RAM); every "
                     "process that reads blocks maps the store's pages, so a smaller store keeps their RSS smaller")
+    stall_warning_s: float = Field(
+        60.0, ge=0,
+        description="print a warning line when no row of a stage has finished for this many seconds, with what is "
+                    "in flight and each provider's state (0: never)")
     read_ahead_mb: int | None = Field(
         None, ge=8,
         description="object-store MiB a stage's Ray Data pipeline may hold ahead of its pool; null = sized to the "
@@ -300,6 +306,11 @@ class JobConfig(Base):
     ray: RayConfig = Field(default_factory=RayConfig, description="Ray cluster and pool sizes")
     cache: CacheConfig = Field(default_factory=CacheConfig, description="response cache")
     budget_usd: float | None = Field(None, ge=0, description="stop cleanly (exit 3) when the ledger reaches this many dollars")
+    max_failed_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="a stage whose failed rows are more than this share of its rows fails the job (exit 1, the most "
+                    "common reasons counted); its tables are written but it is not marked complete, so a re-run "
+                    "redoes it. An operational guard, not a paper setting; 1 never fails a job for failed rows")
     rate: RateConfig = Field(default_factory=RateConfig, description="AlpaGasus rating and filtering")
     evolve: EvolveConfig = Field(default_factory=EvolveConfig, description="evolution with one method")
     optimize: OptimizeConfig = Field(default_factory=OptimizeConfig, description="Auto Evol-Instruct optimization")

@@ -169,4 +169,19 @@ class ParseError(EvorayError):
         self.kind = kind
 
 
+class StageFailed(EvorayError):
+    """Too many rows of a stage failed (``max_failed_fraction``): exit code 1, its tables are kept."""
+
+
+class RayLost(EvorayError):
+    """Ray (the local Ray, a node or the cluster's head) stopped under the job: exit code 1.
+
+    ``detail`` says what was noticed; the stage that was running keeps its finished rows.
+    """
+
+    def __init__(self, detail: str, message: str | None = None):
+        super().__init__(message or f"Ray was lost under the job: {detail}")
+        self.detail = detail
+
+
 EXIT_CODES = {"ok": 0, "failed": 1, "usage": 2, "budget": 3}

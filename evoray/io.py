@@ -20,7 +20,12 @@ Formats (``--format``):
   ``[`` means a JSON array, anything else JSONL; then the keys of the first record decide
   (``conversations`` -> sharegpt, ``question`` + ``answer`` -> gsm8k, ``instruction`` +
   ``instances`` -> the Self-Instruct mapping, ``instruction`` -> alpaca/jsonl, and the keys of the
-  AlpaGasus test sets, see :data:`KNOWN_MAPPINGS`).
+  AlpaGasus test sets, see :data:`KNOWN_MAPPINGS`). Detection never leaves a field unread
+  silently: a test-set shape is recognised only when its other keys are the test set's own ids and
+  categories (:data:`KNOWN_EXTRAS`), so ``{prompt, completion}`` is not Koala's prompts with empty
+  outputs; and an ``instruction`` record without ``input`` or ``output`` but with another text
+  field (``response``, ``context``...) is ambiguous. Both are errors that ask for ``--map`` (the
+  message suggests one) or an explicit ``--format``.
 
 Any other schema is read through a mapping ``{canonical_field: source_field}``
 (``--map instruction=prompt,input=ctx``); a source field may be a dotted path with list indexes,
@@ -86,6 +91,24 @@ KNOWN_MAPPINGS: dict[str, dict[str, str]] = {
     "wizardlm": {"instruction": "Instruction"},
     "sinstruct": {"instruction": "instruction", "input": "instances.0.input", "output": "instances.0.output"},
 }
+
+# The other keys each known test set has (ids and categories); a record with any further key is not
+# taken for that test set: {prompt, completion} is a prompt/answer file, not Koala's prompts.
+KNOWN_EXTRAS: dict[str, set[str]] = {
+    "vicuna": {"question_id", "category", "id"},
+    "koala": {"id"},
+    "wizardlm": {"idx", "Skill", "Difficulty", "id"},
+}
+
+# Names that hold record metadata rather than text of the example (compared in lower case).
+METADATA_KEYS = {"id", "idx", "uid", "index", "question_id", "category", "categories", "skill", "difficulty", "source",
+                 "name", "motivation_app", "is_classification", "meta", "metadata", "lang", "language", "tags",
+                 "url", "license", "split", "task", "type"}
+
+# Field names that usually hold each canonical field: used to suggest a --map.
+_GUESS = {"instruction": ("instruction", "prompt", "question", "query", "text", "problem"),
+          "input": ("input", "context", "ctx"),
+          "output": ("output", "completion", "response", "answer", "target", "chosen", "reply", "solution")}
 
 # Default field mapping of each record format (fields marked optional may be absent).
 _FORMAT_MAPPINGS: dict[str, dict[str, str]] = {
@@ -232,14 +255,16 @@ def _plan(fmt: str, mapping: dict[str, str], first: dict | None, path: str, wher
         elif {"instruction", "instances"} <= keys:
             return _Plan("mapped", "sinstruct", dict(KNOWN_MAPPINGS["sinstruct"]), set(KNOWN_MAPPINGS["sinstruct"]))
         elif "instruction" in keys:
+            _refuse_unread_fields(first or {}, where0)
             fmt = "alpaca"
         else:
             for name, m in KNOWN_MAPPINGS.items():
-                if name != "sinstruct" and set(m.values()) <= keys:
+                if name != "sinstruct" and set(m.values()) <= keys and keys - set(m.values()) <= KNOWN_EXTRAS[name]:
                     return _Plan("mapped", name, dict(m), set(m))
             raise InputError(
-                f"cannot detect the format: the first record has keys {sorted(keys)}; "
-                f"give --format or name the fields with --map instruction=FIELD,input=FIELD,output=FIELD",
+                f"cannot detect the format: the first record has keys {sorted(keys)}, and no known format reads "
+                f"them all; name the fields with --map {_suggest_map(keys)} (input.map in a job config) "
+                f"or give --format",
                 where0,
             )
     if fmt == "sharegpt":
@@ -254,6 +279,40 @@ def _plan(fmt: str, mapping: dict[str, str], first: dict | None, path: str, wher
     required |= set(mapping)
     label = fmt if not mapping else ("mapped" if fmt == "mapped" else f"{fmt}+map")
     return _Plan("mapped", label, base, required, set(mapping))
+
+
+def _suggest_map(keys: set[str]) -> str:
+    lower = {k.lower(): k for k in keys}
+    parts = []
+    for canon, names in _GUESS.items():
+        hit = next((lower[n] for n in names if n in lower), None)
+        if hit is not None:
+            parts.append(f"{canon}={hit}")
+    if not any(p.startswith("instruction=") for p in parts):
+        parts.insert(0, "instruction=FIELD")
+    return ",".join(parts)
+
+
+def _refuse_unread_fields(first: dict, where0: str) -> None:
+    """Auto-detected Alpaca records lacking ``input`` or ``output`` while other text fields are
+    there: one of them may be the missing field, and reading the file as Alpaca would leave it
+    empty (the field would only be kept in meta). Ambiguous: the user says which."""
+    keys = set(first)
+    missing = [c for c in ("input", "output") if c not in keys]
+    extras = sorted(k for k in keys - set(CANONICAL_FIELDS)
+                    if k.lower() not in METADATA_KEYS and isinstance(first.get(k), str) and first.get(k).strip())
+    if not missing or not extras:
+        return
+    suggestion = _suggest_map(keys)
+    if suggestion == "instruction=instruction":
+        suggestion = "instruction=instruction," + ",".join(f"{c}={extras[0]}" for c in missing[-1:])
+    raise InputError(
+        f"ambiguous format: the first record has keys {sorted(keys)}: 'instruction' but no "
+        f"{' or '.join(repr(m) for m in missing)}, and {', '.join(repr(e) for e in extras)} may hold it. "
+        f"Say how to read it: --map {suggestion} (input.map in a job config), or --format alpaca to read it as "
+        f"Alpaca with {' and '.join(missing)} empty and the other fields kept in meta",
+        where0,
+    )
 
 
 def _check_mapping_against(plan: _Plan, first: dict, where0: str) -> None:

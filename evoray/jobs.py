@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import JobConfig
-from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, UsageError
+from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, RayLost, UsageError
 from .ledger import Ledger
 from .progress import StageProgress
 from .raydata import POS, canonicalize, parquet_row_bytes
@@ -61,47 +62,174 @@ def fingerprint(*parts: Any) -> str:
 class StageResult:
     stage: str
     outdir: Path
-    counts: dict[str, int]
+    counts: dict[str, Any]
     outputs: dict[str, str] = field(default_factory=dict)
     skipped: bool = False
+    failed_job: bool = False  # more failed rows than max_failed_fraction allows
+    stopped: str | None = None  # why an unfinished stage stopped (its finished rows are kept)
 
 
 class JobContext:
-    """What every stage of one job shares: config, Ray session (started lazily), progress settings."""
+    """What every stage of one job shares: config, Ray session (started lazily), progress settings.
 
-    def __init__(self, config: JobConfig, address: str | None = None, quiet: bool = False):
+    ``stages`` are the stages the job will run (for the resource check before Ray starts; None =
+    the config's pipeline). ``log_path``, when set, is where Ray's own output goes while the session
+    lives (:class:`evoray.console.RayLogRoute`; None with ``--verbose``). ``results`` collects each
+    stage's :class:`StageResult` for the final line, failed stages included.
+    """
+
+    def __init__(self, config: JobConfig, address: str | None = None, quiet: bool = False,
+                 stages: list[str] | None = None, log_path: str | os.PathLike | None = None):
         self.config = config
         self.address = address
         self.quiet = quiet
+        self.stages = stages
+        self.log_path = Path(log_path) if log_path is not None else None
+        self.route = None
+        self.owns_ray = False
+        self.watch = None
+        self.lost: RayLost | None = None
+        self.results: list[StageResult] = []
         self._session = None
         self.ledger = Ledger({p.name: p.price for p in config.providers})
 
     def session(self):
         if self._session is None:
-            from actors.session import RaySession
+            import ray
+
+            from actors import session as rs
+            from actors.watch import RayWatch
+
+            from .resources import check_fits, job_stages
 
             # a missing key is a usage error here, named, before any actor starts
             for p in self.config.providers:
                 p.api_key()
+            stages = self.stages if self.stages is not None else job_stages(self.config, "run")
+            address = rs.resolve_address(self.address, self.config)
+            local_cpus = rs.local_num_cpus(self.config)
+            if not address and not ray.is_initialized():
+                # refused before a local Ray starts: the config alone says it cannot fit
+                check_fits(self.config, stages, local_cpus,
+                           source=f"a local Ray with {local_cpus} CPUs "
+                                  f"({'ray.num_cpus' if self.config.ray.num_cpus else 'this machine'})")
+            if self.log_path is not None and self.route is None:
+                from .console import RayLogRoute
 
-            self._session = RaySession(self.config, self.address)
+                self.route = RayLogRoute(self.log_path).__enter__()
+            self.owns_ray = rs.init_ray(address, local_cpus, self.config.ray.object_store_mb)
+            if address or not self.owns_ray:
+                nodes = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+                check_fits(self.config, stages, ray.cluster_resources().get("CPU", 0.0), nodes,
+                           source=f"the Ray cluster ({len(nodes)} node(s))")
+            self._session = rs.RaySession(self.config, self.address)
+            self.watch = RayWatch(local=self.owns_ray and not address).start()
             if self.ledger.by_provider:  # spend of earlier driver-side (batch mode) stages joins the job's gate
-                import ray
-
                 ray.get(self._session.gate.record.remote(self.ledger.to_dict()["providers"]))
         return self._session
 
     def ledger_dict(self) -> dict:
-        return self._session.ledger() if self._session is not None else self.ledger.to_dict()
+        if self._session is not None and not self.is_lost():
+            return self._session.ledger()
+        return self.ledger.to_dict()
+
+    def is_lost(self) -> bool:
+        return self.lost is not None or (self.watch is not None and self.watch.lost is not None)
+
+    def as_ray_loss(self, exc: BaseException) -> RayLost | None:
+        """``exc`` as :class:`RayLost` when it means Ray went away under the job, else None."""
+        if isinstance(exc, RayLost):
+            self.lost = exc
+            return exc
+        detail = self.watch.lost if self.watch is not None else None
+        if detail is None:
+            from actors.watch import ray_loss
+
+            detail = ray_loss(exc)
+        if detail is None:
+            return None
+        self.lost = RayLost(detail)
+        return self.lost
+
+    def logs_where(self) -> str:
+        """Where Ray's logs are, for messages."""
+        if self.route is not None:
+            return self.route.where()
+        if self.log_path is not None:  # Ray never started: the CLI writes the traceback there
+            return str(self.log_path)
+        try:
+            import ray._private.worker as rw
+
+            return rw._global_node.get_logs_dir_path()
+        except Exception:
+            return "the Ray session's logs folder (/tmp/ray/session_latest/logs)"
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
+        lost = self.is_lost()
+        try:
+            if self.watch is not None:
+                self.watch.stop()
+            if self._session is not None and not lost:
+                self._session.close()
             self._session = None
+            if self.owns_ray:
+                import ray
+
+                ray.shutdown()  # inside the route: what Ray prints on the way out goes to ray.log
+                self.owns_ray = False
+        finally:
+            if self.route is not None:
+                self.route.__exit__(None, None, None)
+                self.route = None
 
     def progress(self, stage: str, total: int | None) -> StageProgress:
         return StageProgress(stage, total, quiet=self.quiet,
-                             ledger_fn=(lambda: self._session.ledger()) if self._session is not None else None)
+                             ledger_fn=(lambda: self._session.ledger()) if self._session is not None else None,
+                             stall_s=self.config.ray.stall_warning_s,
+                             status_fn=self.stall_detail if self._session is not None else None)
+
+    def stall_detail(self) -> str:
+        """What the watchdog line says besides the time: requests in flight, each provider's state,
+        free CPUs."""
+        parts = []
+        try:
+            provs = (self._session.gate_status() or {}).get("providers", {})
+            try:
+                keys = self._session.key_gate_status() or {}
+            except Exception:  # noqa: BLE001 - a key gate restarting: say what the job gate knows
+                keys = {}
+            kinds = {p.name: p for p in self.config.providers}
+            slots = sum(int(v.get("inflight", 0)) for v in provs.values())
+            if slots:
+                parts.append(f"{slots} request(s) holding max_concurrency slots")
+            for name, v in provs.items():
+                pc_ = kinds.get(name)
+                k = keys.get(name) or {}
+                if v.get("halted"):
+                    state = "halted by the fail-fast rule"
+                elif v.get("cooling"):
+                    state = "cooling down after repeated failures"
+                elif k.get("paused_for"):
+                    state = f"paused {k['paused_for']:.0f}s more after a 429"
+                elif k:
+                    state = (f"{k.get('granted', 0)} permit(s) granted at {k.get('rpm') or 0:.0f} rpm, "
+                             f"{k.get('rate_limited', 0)} 429(s)")
+                elif pc_ is not None and pc_.kind == "local":
+                    state = (f"local model, {pc_.replicas} replica(s) answering one request at a time each "
+                             f"(timeout_s {pc_.timeout_s:g})")
+                else:
+                    state = "no rpm/tpm set, so no gate counts its requests"
+                parts.append(f"provider {name}: {state}")
+        except Exception:
+            parts.append("the job's gate did not answer")
+        try:
+            import ray
+
+            parts.append(f"Ray: {ray.available_resources().get('CPU', 0.0):g} of "
+                         f"{ray.cluster_resources().get('CPU', 0.0):g} CPUs free")
+        except Exception:
+            pass
+        return "; ".join(parts)
 
     def check_budget(self) -> None:
         if self._session is None:
@@ -192,7 +320,7 @@ def write_ledger(ctx: JobContext, outdir: Path) -> dict:
 def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, outdir: Path,
                    tables: dict[str, str], n_actors: int, extra: dict | None = None,
                    schema: pa.Schema = RESULT_SCHEMA, formats: dict[str, str] | None = None,
-                   route: Callable[[pa.Table], pa.Table] | None = None) -> dict[str, int]:
+                   route: Callable[[pa.Table], pa.Table] | None = None) -> dict[str, Any]:
     """Stream the input through a pool; route result rows by status into tables.
 
     ``tables`` maps a status to a table name (e.g. {"scored": "scored", "failed": "failed"});
@@ -200,8 +328,13 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     ``route``, when given, sees every batch of rows that land (each input row once) and returns it
     with its final statuses, e.g. the rate stage's threshold rule turning ``scored`` into
     ``kept`` / ``rejected`` as rows arrive.
-    Rows failed by the budget cap are not written (they were not done); returns counts per table
-    and ``budget_stopped``.
+    Rows failed by the budget cap are not written (they were not done); returns counts per table,
+    ``budget_stopped``, ``by_status`` (rows per final status) and ``failure_reasons`` (the most
+    common reasons of failed rows, counted).
+
+    When Ray is lost under the stage (:meth:`JobContext.as_ray_loss`), the rows finished so far
+    are written to the tables, ``_STOPPED.json`` says why, and :class:`RayLost` ends the job; the
+    stage is not marked complete, so a re-run redoes it (answered requests come from the cache).
     """
     session = ctx.session()
     total = count_rows(input_path)
@@ -211,25 +344,28 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     budget_stopped = 0
     duplicates = 0
     nodes: set[str] = set()
+    by_status: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     seen = SeenRows(total)  # one bit per input row
     halted: str | None = None  # the first provider_halted reason: the stage stops after this batch
     ok = False
     batches = None
+    lost: RayLost | None = None
     try:
         ds = session.dataset_from_parquet(str(input_path))
         batches = session.run_pool(worker, ds, n_actors, extra, total_rows=total, row_bytes=parquet_row_bytes(input_path))
         for batch in batches:
             status = batch.column("status").to_pylist()
-            reasons = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
+            reasons_col = batch.column("reason").to_pylist() if "reason" in batch.column_names else [None] * len(status)
             if POS not in batch.column_names:
                 raise RuntimeError(f"stage {stage}: pool output without the {POS} column")
             keys = batch.column(POS).to_pylist()
             if halted is None:
-                halted = next((r_[len(HALTED_PREFIX):] for s_, r_ in zip(status, reasons)
+                halted = next((r_[len(HALTED_PREFIX):] for s_, r_ in zip(status, reasons_col)
                                if s_ == "failed" and (r_ or "").startswith(HALTED_PREFIX)), None)
             done = [not (s_ == "failed" and (r_ or "").startswith(("budget_exceeded", HALTED_PREFIX)))
-                    for s_, r_ in zip(status, reasons)]
-            budget_stopped += sum(1 for s_, r_ in zip(status, reasons)
+                    for s_, r_ in zip(status, reasons_col)]
+            budget_stopped += sum(1 for s_, r_ in zip(status, reasons_col)
                                   if s_ == "failed" and (r_ or "").startswith("budget_exceeded"))
             # a retried task may repeat a row: each input row lands once
             fresh = iter(seen.add_new(k_ for k_, d in zip(keys, done) if d))
@@ -244,36 +380,53 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
                     if w:
                         nodes.add(json.loads(w).get("node_id", "?"))
             st_col = batch.column("status")
-            n_failed = 0
+            statuses = st_col.to_pylist()
+            by_status.update(statuses)
+            n_failed = statuses.count("failed")
+            if n_failed and "reason" in batch.column_names:
+                failed_reasons = batch.filter(pc.equal(st_col, "failed")).column("reason").to_pylist()
+                reasons.update(reason_key(r) for r in failed_reasons)
             for st, name in tables.items():
                 part = batch.filter(pc.equal(st_col, st))
                 if part.num_rows:
                     sinks[name].write(part.select([f.name for f in schema]))
-                    if st == "failed":
-                        n_failed += part.num_rows
-            unknown = set(st_col.to_pylist()) - set(tables)
+            unknown = set(statuses) - set(tables)
             if unknown:
                 raise RuntimeError(f"stage {stage}: rows with unexpected status {sorted(unknown)}")
             prog.update(done=batch.num_rows, failed=n_failed)
             if halted is not None:
                 break  # stop reading the pool: every further row would fail the same way
         ok = True
+    except BaseException as e:
+        lost = ctx.as_ray_loss(e)
+        if lost is None:
+            raise
     finally:
         if batches is not None and hasattr(batches, "close"):
             batches.close()  # a stage stopped early shuts its Ray Data execution down here
         prog.close()
-        if ok:
+        if ok or lost is not None:  # a lost Ray: the finished rows are kept
             for s in sinks.values():
                 s.close()
         else:
             for s in sinks.values():
                 s.abort()
-    counts = {name: s.rows for name, s in sinks.items()}
+    counts: dict[str, Any] = {name: s.rows for name, s in sinks.items()}
     counts["input"] = total
     counts["budget_stopped"] = budget_stopped
     counts["duplicates_dropped"] = duplicates
     counts["nodes"] = len(nodes)
+    counts["by_status"] = dict(by_status)
+    counts["failure_reasons"] = dict(reasons.most_common(MAX_REASONS))
     (outdir / "_nodes.json").write_text(json.dumps(sorted(nodes)))
+    if lost is not None:
+        kept = sum(s.rows for s in sinks.values())
+        ctx.results.append(StageResult(stage, outdir, counts, stopped="unfinished: Ray was lost"))
+        (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "ray_lost", "detail": lost.detail,
+                                                  "counts": counts}, indent=2))
+        raise RayLost(lost.detail, f"Ray was lost under the job ({lost.detail}); stage {stage}: {kept} finished "
+                                   f"row(s) of {total} kept in {outdir}, the stage is not marked complete (a re-run "
+                                   f"redoes it; answered requests come from the cache)") from None
     if halted is not None:
         counts["not_done"] = total - len(seen)
         (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "provider_halted", "message": halted,
@@ -281,6 +434,22 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
         write_ledger(ctx, outdir)
         raise ProviderHalted(f"[{stage}] {halted}")
     return counts
+
+
+#: failure reasons kept per stage (counted) in ``counts["failure_reasons"]``
+MAX_REASONS = 10
+
+
+def reason_key(reason: str | None) -> str:
+    """A failed row's reason as counted: its first line, at most 160 characters."""
+    text = (reason or "").strip().splitlines()[0] if (reason or "").strip() else "no reason given"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def format_reasons(reasons: dict[str, int] | Counter, n: int = 3) -> str:
+    """``'unparseable reply' (17); 'timeout' (3)`` for the ``n`` most common reasons."""
+    top = Counter(reasons).most_common(n)
+    return "; ".join(f"{r} ({c})" for r, c in top)
 
 
 def stop_for_budget(ctx: JobContext, outdir: Path, stage: str, counts: dict) -> None:

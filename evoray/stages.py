@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 
 from .batch_stage import stage_runner
 from .config import JobConfig
-from .errors import BudgetExceeded, UsageError
-from .jobs import (JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
-                   prepare_input, run_pool_stage, stop_for_budget, write_canonical, write_ledger, write_marker)
+from .errors import BudgetExceeded, StageFailed, UsageError
+from .jobs import (STOPPED, JobContext, StageResult, _hash_file, clear_marker, count_rows, done_marker, fingerprint,
+                   format_reasons, prepare_input, reason_key, run_pool_stage, stop_for_budget, write_canonical, write_ledger,
+                   write_marker)
 from .schema import RESULT_SCHEMA
 from .io import parquet_stream, read_table
 from .sinks import TableSink, find_table
@@ -44,10 +45,40 @@ def _say(ctx: JobContext, msg: str) -> None:
 
 def _finish(ctx: JobContext, stage: str, outdir: Path, fp: str, counts: dict, outputs: dict) -> StageResult:
     write_ledger(ctx, outdir)
+    result = StageResult(stage, outdir, counts, outputs)
+    ctx.results.append(result)
     if counts.get("budget_stopped"):
         stop_for_budget(ctx, outdir, stage, counts)
+    check_failed_share(ctx, result)
     write_marker(outdir, fp, counts, outputs)
-    return StageResult(stage, outdir, counts, outputs)
+    return result
+
+
+def failed_share(counts: dict) -> tuple[int, int]:
+    """(failed rows, rows the stage finished) from a stage's counts."""
+    failed = int(counts.get("failed", 0) or 0)
+    done = int(counts.get("input", 0) or 0) - int(counts.get("budget_stopped", 0) or 0)
+    return failed, max(done, 0)
+
+
+def check_failed_share(ctx: JobContext, result: StageResult) -> None:
+    """More failed rows than ``max_failed_fraction`` allows: the tables stay, ``_STOPPED.json`` says
+    why, no ``_SUCCESS.json`` (a re-run redoes the stage), and :class:`StageFailed` (exit 1)."""
+    failed, done = failed_share(result.counts)
+    limit = ctx.config.max_failed_fraction
+    if not done or failed / done <= limit:
+        return
+    reasons = format_reasons(result.counts.get("failure_reasons") or {})
+    (result.outdir / STOPPED).write_text(json.dumps({"stage": result.stage, "reason": "too_many_failed",
+                                                     "counts": result.counts}, indent=2))
+    where = next((str(p) for p in (result.outdir / "failed.parquet", result.outdir / "failed.jsonl") if p.exists()),
+                 str(result.outdir))
+    result.failed_job = True
+    raise StageFailed(
+        f"{result.stage}: {failed} of {done} row(s) failed ({failed / done:.0%}, more than max_failed_fraction "
+        f"{limit:g}); most common reasons: {reasons or 'none recorded'}; the failed rows are in {where}. The "
+        f"tables are written but the stage is not marked complete: fix the cause and run again (answered "
+        f"requests come from the cache), or raise max_failed_fraction")
 
 
 def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | None:
@@ -55,7 +86,9 @@ def _skip(ctx: JobContext, stage: str, outdir: Path, fp: str) -> StageResult | N
     if m is None:
         return None
     _say(ctx, f"[{stage}] already complete in {outdir} (skipped; delete {outdir}/_SUCCESS.json to redo)")
-    return StageResult(stage, outdir, m.get("counts", {}), m.get("outputs", {}), skipped=True)
+    result = StageResult(stage, outdir, m.get("counts", {}), m.get("outputs", {}), skipped=True)
+    ctx.results.append(result)
+    return result
 
 
 def _begin(ctx: JobContext, stage: str, input_src: str | None, outdir: Path,
@@ -286,6 +319,14 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     wtl_bar_chart(summary, outdir / "wtl.png")
     counts["judgments"] = len(judgments)
     counts["unmatched"] = len(unmatched)
+    counts["input"] = len(judgments)
+    counts["failed"] = sum(1 for r in judgments if r.get("status") == "failed")
+    counts["judged"] = counts["judgments"] - counts["failed"]
+    reasons = dict(counts.get("failure_reasons") or {})
+    for r in unmatched:
+        key = reason_key(r["reason"])
+        reasons[key] = reasons.get(key, 0) + 1
+    counts["failure_reasons"] = reasons
     ov = summary.get("overall", {})
     _say(ctx, f"[judge] Win {ov.get('win')} / Tie {ov.get('tie')} / Lose {ov.get('lose')} (failed {ov.get('failed')}), "
               f"winning score {ov.get('winning_score')} -> {outdir}")
@@ -330,7 +371,9 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
     hist = json.loads(Path(paths["history"]).read_text())
     hist["candidate_nodes"] = sorted(pool.nodes)
     Path(paths["history"]).write_text(json.dumps(hist, indent=2) + "\n")
-    counts = {"input": count_rows(input_path), "sampled": len(rows), "steps": len(result.history)}
+    counts = {"input": count_rows(input_path), "sampled": len(rows), "steps": len(result.history),
+              "best_method_id": result.best_method.id, "best_failure_rate": result.best_failure_rate,
+              "initial_failure_rate": result.baseline_failure_rate}
     _say(ctx, f"[optimize] best method {result.best_method.id}: failure rate {result.best_failure_rate:.3f} "
               f"(initial {result.baseline_failure_rate:.3f}) -> {outdir}")
     ctx.check_budget()

@@ -1,5 +1,7 @@
 """A real two-node Ray cluster on 127.0.0.1, a job submitted to it with ``evoray submit --follow``.
 
+The job is submitted as soon as ``ray start --head`` returns, as a user would, while the worker
+node joins: the head's job agent registers a little later, and submit has to wait for it.
 The cluster is two ``ray start`` processes (a head and a worker node, 2 CPUs each) with their own
 ports and their own ``--temp-dir``, so they never touch another Ray on the machine; the finalizer
 kills exactly the processes of that temp dir (never ``ray stop``, which stops every Ray of the
@@ -109,7 +111,8 @@ def _base_env() -> dict[str, str]:
 
 @pytest.fixture
 def cluster():
-    """Head + one worker node on 127.0.0.1 with token auth; yields its dashboard address and env."""
+    """A fresh head on 127.0.0.1 with token auth (started, nothing awaited after `ray start` returns);
+    ``start_worker()`` adds the second node. Yields the dashboard address, env and temp dir."""
     if shutil.which("ray", path=str(BIN)) is None:
         pytest.skip("the ray CLI is not installed in this environment")
     tmp = Path(tempfile.mkdtemp(prefix="evc", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
@@ -125,15 +128,21 @@ def cluster():
     worker = [str(RAY), "start", "--address", f"127.0.0.1:{gcs}",
               "--dashboard-agent-listen-port", str(agent[3]), "--dashboard-agent-grpc-port", str(agent[4]),
               "--metrics-export-port", str(agent[5]), *common]
+
+    def start(name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(tmp / f"ray-start-{name}.log", "w")
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(name: str, proc: subprocess.Popen) -> None:
+        if proc.wait(timeout=120) != 0:
+            pytest.fail(f"ray start ({name}) failed:\n" + (tmp / f"ray-start-{name}.log").read_text()[-3000:])
+
     t0 = time.monotonic()
     try:
-        for name, cmd in (("head", head), ("worker", worker)):
-            with open(tmp / f"ray-start-{name}.log", "w") as log:
-                r = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=120)
-            if r.returncode != 0:
-                pytest.fail(f"ray start ({name}) failed:\n" + (tmp / f"ray-start-{name}.log").read_text()[-3000:])
-        print(f"two-node cluster up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
-        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "tmp": tmp, "env": env}
+        wait("head", start("head", head))
+        print(f"head up in {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "tmp": tmp, "env": env,
+               "start_worker": lambda: start("worker", worker), "wait_worker": lambda p: wait("worker", p)}
     finally:
         _kill_tree(str(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,11 +188,24 @@ def test_submit_rating_job_to_two_node_cluster(cluster, shared_data, tmp_path):
         env["RAY_AUTH_TOKEN"] = cluster["token"]  # RAY_AUTH_MODE unset: submit asks the cluster
         cmd = [str(BIN / "evoray"), "submit", str(cfg_path), "--address", cluster["address"], "--follow",
                "--pass-env", "OPENAI_API_KEY", "-o", str(out)]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        # `ray start --head` has just returned: submit at once (the head's job agent may not have
+        # registered yet; submit waits for it), and add the worker node meanwhile
+        sub = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        cluster["wait_worker"](cluster["start_worker"]())
+        try:
+            stdout, stderr = sub.communicate(timeout=300)
+        finally:
+            if sub.poll() is None:
+                sub.kill()
+        r = subprocess.CompletedProcess(cmd, sub.returncode, stdout, stderr)
         stats = srv.stats()
     printed = r.stdout + r.stderr
-    print(f"submit --follow: exit {r.returncode} after {time.monotonic() - t0:.1f}s\n{printed[-4000:]}", file=sys.stderr)
+    waited = "waiting for the cluster's job agent" in r.stderr
+    print(f"submit --follow: exit {r.returncode} after {time.monotonic() - t0:.1f}s (waited for the job agent: "
+          f"{waited})\n{printed[-4000:]}", file=sys.stderr)
     assert r.returncode == 0, printed[-5000:]
+    assert "the cluster refused the job" not in printed
+    assert re.search(r"job \S+: SUCCEEDED, exit code 0", r.stdout), r.stdout[-2000:]
     m = re.search(r"job id: (\S+)", r.stdout)
     assert m, r.stdout
     job_id = m.group(1)
@@ -211,7 +233,9 @@ def test_submit_rating_job_to_two_node_cluster(cluster, shared_data, tmp_path):
     info = client.get_job_info(job_id)
     assert info.status == "SUCCEEDED"
     logs = client.get_job_logs(job_id)
-    assert "done in" in logs
+    assert "evoray run done in" in logs
+    # Ray's own lines stayed out of the job's output: they are in OUT/logs/ray.log
+    assert "core_worker.cc" not in logs and "constructor arguments" in (out / "logs" / "ray.log").read_text()
     needle = FAKE_KEY.encode()
     assert FAKE_KEY not in printed
     assert FAKE_KEY not in job_id and FAKE_KEY not in (info.entrypoint or "")

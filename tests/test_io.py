@@ -211,6 +211,46 @@ def test_custom_schema_mapping_and_unknown_keys(tmp_path):
     assert json.loads(rows[0]["meta"]) == {"x": 1}
 
 
+def test_prompt_completion_is_not_taken_for_a_test_set(tmp_path):
+    """{prompt, completion} has Koala's 'prompt' key, but reading it as Koala would leave every output
+    empty: detection refuses and suggests the mapping that reads both fields."""
+    p = write_lines(tmp_path / "pc.jsonl", [json.dumps({"prompt": "Name a colour.", "completion": "Blue."})])
+    with pytest.raises(InputError) as e:
+        rows_of(str(p))
+    msg = str(e.value)
+    assert "pc.jsonl:1" in msg and "--map instruction=prompt,output=completion" in msg and "--format" in msg
+    rows = rows_of(str(p), mapping="instruction=prompt,output=completion")
+    assert (rows[0]["instruction"], rows[0]["output"]) == ("Name a colour.", "Blue.")
+    # Koala's own shape (an id beside the prompt) is still recognised
+    k = write_lines(tmp_path / "k.jsonl", [json.dumps({"id": "koala_0", "prompt": "Write a poem."})])
+    s = io.IngestSummary()
+    assert rows_of(str(k), summary=s)[0]["instruction"] == "Write a poem." and s.formats[str(k)] == "koala"
+
+
+def test_instruction_without_output_but_a_response_field_is_ambiguous(tmp_path, capsys):
+    rec = {"instruction": "Add 2 and 2.", "response": "4", "category": "math"}
+    p = write_lines(tmp_path / "ir.jsonl", [json.dumps(rec)])
+    with pytest.raises(InputError) as e:
+        rows_of(str(p))
+    msg = str(e.value)
+    assert "ambiguous" in msg and "'output'" in msg and "'response'" in msg
+    assert "--map instruction=instruction,output=response" in msg and "--format alpaca" in msg
+    # either answer is explicit: the map reads the response as the output ...
+    assert rows_of(str(p), mapping="output=response")[0]["output"] == "4"
+    # ... or --format alpaca keeps it in meta, as asked
+    row = rows_of(str(p), fmt="alpaca")[0]
+    assert row["output"] == "" and json.loads(row["meta"])["response"] == "4"
+    # only metadata beside the instruction (an id, a category) is not ambiguous
+    q = write_lines(tmp_path / "iq.jsonl", [json.dumps({"instruction": "Add 2 and 2.", "id": "a1", "category": "m"})])
+    assert rows_of(str(q))[0]["output"] == ""
+    # the command line says the same, exit 2, nothing written
+    from evoray.cli import main
+
+    assert main(["ingest", str(p), "-o", str(tmp_path / "o.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "ir.jsonl:1" in err and "--map" in err and not (tmp_path / "o.parquet").exists()
+
+
 def test_mapping_to_missing_field(tmp_path):
     p = write_lines(tmp_path / "d.jsonl", [good(1), good(2)])
     with pytest.raises(InputError) as e:
