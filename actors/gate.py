@@ -44,6 +44,21 @@ class GateActor:
     def __init__(self, providers: list[dict], budget_usd: float | None, job_id: str = "job"):
         self.keeper = Gatekeeper([ProviderConfig.model_validate(p) for p in providers], budget_usd=budget_usd,
                                  job_id=job_id)
+        self.pool_open: set[str] = set()
+        self.pool_closed: set[str] = set()
+
+    # pool actors say when they start and when they have closed their clients, so that the driver can
+    # wait for their final ledger flush before the job ends (a graceful exit is asynchronous)
+    async def pool_actor_opened(self, actor_id: str) -> None:
+        if actor_id not in self.pool_closed:
+            self.pool_open.add(actor_id)
+
+    async def pool_actor_closed(self, actor_id: str) -> None:
+        self.pool_open.discard(actor_id)
+        self.pool_closed.add(actor_id)
+
+    async def open_pool_actors(self) -> int:
+        return len(self.pool_open)
 
     async def record(self, delta: dict) -> dict:
         return self.keeper.record(delta)
@@ -69,10 +84,6 @@ class GateActor:
     async def status(self) -> dict:
         return {"providers": self.keeper.status(), "stopped": self.keeper.stop_reason(),
                 "dollars": self.keeper.ledger.dollars}
-
-    async def set_budget(self, budget_usd: float | None) -> None:
-        self.keeper.budget_usd = budget_usd
-
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
 class KeyGateActor:
@@ -232,4 +243,3 @@ def ray_client_gate(config: JobConfig, job_handle, job_id: str, environ: dict | 
     keys = {p.name: RayKeyLink(provider_identity(p, job_id, environ)) for p in config.providers if limited(p)}
     return ClientGate(config.providers, RayJobLink(job_handle), keys, job_id=job_id,
                       batching=config.ray.lease_permits)
-

@@ -77,6 +77,11 @@ class StageUDF:
         self.concurrency = self.config.ray.actor_concurrency
         self.node_id = ray.get_runtime_context().get_node_id()
         self.actor_id = ray.get_runtime_context().get_actor_id() or "?"
+        try:  # the driver waits for this actor's close at the end of the job (RaySession.close)
+            self._job = ray.get_actor(gate_name(job_id))
+            self._job.pool_actor_opened.remote(self.actor_id)
+        except Exception:
+            self._job = None
 
     async def _one(self, row: dict) -> dict:
         assert self.sem is not None
@@ -109,6 +114,12 @@ class StageUDF:
         clients, self.clients = getattr(self, "clients", {}), {}
         for c in clients.values():
             await close_client(c)
+        job = getattr(self, "_job", None)
+        if job is not None and clients:
+            try:
+                await asyncio.wait_for(job.pool_actor_closed.remote(self.actor_id), 5.0)
+            except BaseException:
+                pass
         return len(clients)
 
     def close(self) -> None:

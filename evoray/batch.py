@@ -398,6 +398,9 @@ class BatchJob:
         if self.online is not None:
             await self.online.aclose()
         else:
+            close = getattr(self.gate, "close", None)
+            if close is not None:
+                close()
             for p in self.providers.values():
                 await p.aclose()
 

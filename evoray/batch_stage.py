@@ -50,9 +50,7 @@ def job_gate(ctx):
     from .gate import Gatekeeper
 
     if ctx._session is not None:
-        from actors.gate import RayGate
-
-        return RayGate(ctx._session.gate)
+        return ctx._session.client_gate()
     keeper = Gatekeeper(ctx.config.providers, budget_usd=ctx.config.budget_usd)
     keeper.ledger = ctx.ledger  # one ledger for the job: what the stage writes as ledger.json
     return LocalGate(keeper)

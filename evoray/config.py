@@ -20,7 +20,6 @@ from .errors import ConfigError, MissingKeyError
 
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "local": None}
 ROLES = ("rater", "evol", "optimizer", "judge", "answer")
-STAGES = ("ingest", "optimize", "evolve", "answer", "rate", "judge")
 #: stages that can run in batch mode -> (their config section, their role)
 BATCH_STAGES = {"rate": ("rate", "rater"), "answer": ("answer", "answer"), "judge": ("judge", "judge")}
 

@@ -14,7 +14,8 @@ the driver process to ``OUTDIR/logs/ray.log``:
   evoray's own messages keep the terminal through a duplicate of the original stderr;
 * the Python loggers under ``ray`` (Ray Data's included): their console handlers are swapped for
   the file, and Python warnings raised inside Ray's package;
-* the lines of Ray's worker processes that Ray forwards to the driver (``log_to_driver``).
+* the lines of Ray's worker processes that Ray forwards to the driver (``log_to_driver``), and
+  the raylet's error messages to the driver (e.g. "N PYTHON worker processes have been started").
 
 The log file's first lines say where the Ray session's own logs are. Warnings that matter to the
 user (a worker killed for memory, a node lost, work waiting for CPUs, objects spilled to disk) are
@@ -112,6 +113,7 @@ class RayLogRoute:
         self._showwarning = None
         self._last_resort = None
         self._worker_handler = None
+        self._print_to_stdstream = None
         self._lock = threading.Lock()
 
     # ---- entering and leaving -------------------------------------------------------------------
@@ -232,6 +234,17 @@ class RayLogRoute:
         self._attach_worker_logs()
 
     def _attach_worker_logs(self) -> None:
+        # the raylet's error messages ("N PYTHON worker processes have been started ...") do not go
+        # through the dispatcher: the driver's listen_error_messages thread hands them straight to
+        # the module's print_to_stdstream (stdout), which is looked up at call time
+        try:
+            import ray._private.worker as rw
+
+            if getattr(rw, "print_to_stdstream", None) is not None and self._print_to_stdstream is None:
+                self._print_to_stdstream = rw.print_to_stdstream
+                rw.print_to_stdstream = self._stdstream
+        except Exception:
+            pass
         try:
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as disp
         except Exception:
@@ -242,7 +255,19 @@ class RayLogRoute:
                     self._worker_handler = handler
                     disp.handlers[i] = (name, self._worker_lines)
 
+    def _stdstream(self, data: dict, ignore_prefix: bool = False) -> None:
+        self._worker_lines(data)
+
     def _detach_worker_logs(self) -> None:
+        if self._print_to_stdstream is not None:
+            try:
+                import ray._private.worker as rw
+
+                if rw.print_to_stdstream == self._stdstream:
+                    rw.print_to_stdstream = self._print_to_stdstream
+            except Exception:
+                pass
+            self._print_to_stdstream = None
         if self._worker_handler is None:
             return
         try:

@@ -2,7 +2,7 @@
 
 Errors are mapped at the boundary where they arise (config loading, input reading, provider
 calls), stay picklable because they cross Ray process boundaries, and only become exit codes in
-the CLI (:data:`EXIT_CODES`). Messages tell the user what to do. No message ever contains an API
+the CLI (``evoray.cli``: 0 done, 1 failed, 2 usage, 3 budget). Messages tell the user what to do. No message ever contains an API
 key: provider errors carry provider name, model and status only.
 """
 
@@ -182,6 +182,3 @@ class RayLost(EvorayError):
     def __init__(self, detail: str, message: str | None = None):
         super().__init__(message or f"Ray was lost under the job: {detail}")
         self.detail = detail
-
-
-EXIT_CODES = {"ok": 0, "failed": 1, "usage": 2, "budget": 3}

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+
 
 ROW_FIELDS: list[tuple[str, pa.DataType]] = [
     ("id", pa.string()),
@@ -46,25 +46,6 @@ RESULT_FIELDS: list[tuple[str, pa.DataType]] = [
 RESULT_SCHEMA = pa.schema(
     [pa.field(n, t, nullable=n not in ("id", "instruction")) for n, t in ROW_FIELDS + RESULT_FIELDS]
 )
-
-
-class Row(BaseModel):
-    """One canonical instruction row."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str = Field(description="stable id: hash of source and content (and lineage)")
-    instruction: str = Field(description="the instruction (or question, prompt)")
-    input: str = Field(default="", description="optional input / context for the instruction")
-    output: str = Field(default="", description="the response, empty when none yet")
-    source: str = Field(default="", description="where the row came from (file name or stage)")
-    meta: str = Field(default="{}", description="JSON text with anything else the source had")
-    parent_id: str | None = Field(default=None, description="id of the row this was evolved from")
-    round: int | None = Field(default=None, description="evolution round that produced it")
-    method_id: str | None = Field(default=None, description="id of the evolving method used")
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
 
 
 def make_id(source: str, instruction: str, input: str = "", output: str = "", *lineage: Any) -> str:

@@ -36,6 +36,8 @@ def config(srv, tmp_path, inp, **sections) -> JobConfig:
         "input": {"path": str(inp)},
         "cache": {"dir": str(tmp_path / "cache")},
         "ray": {"rater_actors": 1, "evolver_actors": 1, "judge_actors": 1, "actor_concurrency": 2, "batch_size": 5},
+        # the server is what is tested, not the 135M model's evolutions: its failed rows must not fail the job
+        "max_failed_fraction": 1.0,
         **sections,
     })
 

@@ -69,6 +69,25 @@ def test_route_sends_ray_output_to_the_log_and_keeps_evoray_on_the_terminal(tmp_
     assert logging.getLogger("ray.data").handlers and all(h is not None for h in logging.getLogger("ray.data").handlers)
 
 
+def test_route_takes_the_raylets_error_messages_off_stdout(tmp_path, capfd):
+    """The raylet's messages to the driver ("N PYTHON worker processes have been started") go through
+    ray._private.worker.print_to_stdstream, not the worker-log dispatcher: routed too, and restored."""
+    import ray._private.worker as rw
+
+    from evoray.console import RayLogRoute
+
+    original = rw.print_to_stdstream
+    log_path = tmp_path / "logs" / "ray.log"
+    with RayLogRoute(log_path) as route:
+        route._attach_worker_logs()
+        rw.print_to_stdstream({"lines": ["WARNING: 8 PYTHON worker processes have been started on node"],
+                               "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert rw.print_to_stdstream is original
+    out, err = capfd.readouterr()
+    assert "PYTHON worker processes" not in out + err
+    assert "(raylet) WARNING: 8 PYTHON worker processes" in log_path.read_text()
+
+
 def _local_cfg(**ray) -> JobConfig:
     return JobConfig.from_dict({"providers": [{"name": "local", "kind": "local"}], "ray": ray})
 
@@ -264,8 +283,12 @@ def test_quiet_600_row_rate_prints_one_line_and_closes_every_client(shared_data,
         proc = subprocess.Popen([str(EXE), "rate", str(cfg), "-i", str(shared_data / "alpagasus/random_9k.json"),
                                  "--set", "input.limit=600", "-o", str(out), "--quiet"], env=env, cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        worker_files: dict[str, str] = {}
         try:
             stdout, stderr = proc.communicate(timeout=400)
+            if (out / "logs" / "ray.log").exists():  # the workers' own files, read before the Ray folder goes
+                worker_files = {p.stem.rsplit("-", 1)[-1]: p.read_text(errors="replace")
+                                for p in _session_logs(out).glob("worker-*.err")}
         finally:
             _kill_session(proc.pid)
             shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
@@ -274,11 +297,14 @@ def test_quiet_600_row_rate_prints_one_line_and_closes_every_client(shared_data,
     assert stdout.count("\n") == 1 and re.match(r"evoray rate done in [\d.]+s: rate \d+ kept, \d+ rejected, 0 failed "
                                                 r"of 600; no failed rows -> ", stdout), stdout
     # Ray's core_worker line about constructor arguments (once per process) is in the log, not on screen
-    assert "constructor arguments in the object store" in (out / "logs" / "ray.log").read_text()
-    logs = _session_logs(out)
-    worker_text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*.err"))
-    worker_text += (out / "logs" / "ray.log").read_text()
-    assert worker_text.count("rate pool actor closed 1 client(s)") >= 4  # every pool actor closed its client
+    ray_log = (out / "logs" / "ray.log").read_text()
+    assert "constructor arguments in the object store" in ray_log
+    # every pool actor closed its client: counted by process, from its own file or its line forwarded to ray.log
+    closed = "rate pool actor closed 1 client(s)"
+    pids = {pid for pid, text in worker_files.items() if closed in text}
+    pids |= set(re.findall(r"pid=(\d+)\) evoray: " + re.escape(closed), ray_log))
+    assert len(pids) >= 4, (pids, sorted(worker_files))
+    worker_text = "".join(worker_files.values()) + ray_log
     assert "Unclosed client session" not in worker_text and "Unclosed connector" not in worker_text
 
 

@@ -27,12 +27,6 @@ from ..config import ProviderConfig
 log = logging.getLogger("evoray")
 
 
-@dataclass(frozen=True)
-class Message:
-    role: str  # system | user | assistant
-    content: str
-
-
 @dataclass
 class Request:
     """What a caller asks for. Only these fields change the answer (and so the cache key)."""
