@@ -21,12 +21,14 @@ import asyncio
 import logging
 import os
 import time
+import uuid
 import warnings
 
 import ray
 
 from evoray.config import JobConfig, ProviderConfig
 from evoray.gate import ClientGate, Gatekeeper, limited, provider_identity
+from evoray.ledger import Ledger
 from evoray.limiter import KeyGate, LimitSpec, gate_actor_name, identity_label
 
 log = logging.getLogger("evoray")
@@ -37,13 +39,21 @@ NAMESPACE = "evoray"
 IDLE_EXIT_S = 600.0
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class GateActor:
-    """The job's gate: ledger, budget, failover cool-downs and max_concurrency slots."""
+    """The job's gate: ledger, budget, failover cool-downs and max_concurrency slots.
+
+    It restarts when its process dies (Ray 2.60 was seen to abort an async actor's worker on an
+    internal check under load), and the calls in flight are retried on the new instance. Its
+    state comes back from its callers: each link sends its cumulative tallies
+    (:meth:`record_total`, idempotent), so the ledger and the budget are whole again after each
+    live caller's next flush; cool-downs, halts and slots start empty (conservatively re-learned).
+    """
 
     def __init__(self, providers: list[dict], budget_usd: float | None, job_id: str = "job"):
         self.keeper = Gatekeeper([ProviderConfig.model_validate(p) for p in providers], budget_usd=budget_usd,
                                  job_id=job_id)
+        self.totals: dict[str, dict] = {}  # link id -> its cumulative tallies (see record_total)
         self.pool_open: set[str] = set()
         self.pool_closed: set[str] = set()
 
@@ -61,6 +71,13 @@ class GateActor:
         return len(self.pool_open)
 
     async def record(self, delta: dict) -> dict:
+        return self.keeper.record(delta)
+
+    async def record_total(self, link_id: str, total: dict) -> dict:
+        """Merge what ``link_id``'s cumulative tallies ``total`` added since its last call (a retried or
+        repeated call adds nothing; after a restart, the first call brings the whole total back)."""
+        delta = Ledger.difference(total, self.totals.get(link_id))
+        self.totals[link_id] = total
         return self.keeper.record(delta)
 
     async def cool_down(self, provider: str) -> float:
@@ -206,14 +223,19 @@ class RayKeyLink:
 
 
 class RayJobLink:
-    """A :class:`evoray.gate.JobLink` to the job's :class:`GateActor`."""
+    """A :class:`evoray.gate.JobLink` to the job's :class:`GateActor`: deltas are summed here and sent
+    as this link's cumulative tallies, so that a restarted gate actor gets them back."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, link_id: str | None = None):
         self.handle = handle
         self._stop: str | None = None
+        self.link_id = link_id or uuid.uuid4().hex
+        self.total = Ledger()
 
     async def record(self, delta):
-        st = await self.handle.record.remote(delta)
+        if delta:
+            self.total.merge(delta)
+        st = await self.handle.record_total.remote(self.link_id, self.total.to_dict()["providers"])
         if st.get("stop"):
             self._stop = st.get("reason")
         return st

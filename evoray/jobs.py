@@ -125,7 +125,8 @@ class JobContext:
             self._session = rs.RaySession(self.config, self.address)
             self.watch = RayWatch(local=self.owns_ray and not address).start()
             if self.ledger.by_provider:  # spend of earlier driver-side (batch mode) stages joins the job's gate
-                ray.get(self._session.gate.record.remote(self.ledger.to_dict()["providers"]))
+                ray.get(self._session.gate.record_total.remote("driver:before-session",
+                                                               self.ledger.to_dict()["providers"]))
         return self._session
 
     def ledger_dict(self) -> dict:

@@ -28,6 +28,14 @@ class ProviderTally:
     model: str = ""
     batch_requests: int = 0  # lines answered through a provider's batch API (priced at its batch rate)
 
+    def minus(self, other: "ProviderTally") -> "ProviderTally":
+        """``self - other`` field by field (the model kept): what a cumulative tally added since ``other``."""
+        out = ProviderTally(model=self.model or other.model)
+        for k, v in asdict(self).items():
+            if k != "model":
+                setattr(out, k, v - getattr(other, k))
+        return out
+
     def add(self, other: "ProviderTally") -> None:
         for k, v in asdict(other).items():
             if k == "model":
@@ -83,6 +91,18 @@ class Ledger:
         d = {k: asdict(v) for k, v in self.by_provider.items()}
         self.by_provider = {}
         return d
+
+    @staticmethod
+    def difference(total: dict[str, dict[str, Any]], before: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+        """The delta that takes the tallies ``before`` to ``total`` (both ``take_delta``-shaped dicts)."""
+        before = before or {}
+        out = {}
+        for name, vals in total.items():
+            t = ProviderTally(**vals)
+            if name in before:
+                t = t.minus(ProviderTally(**before[name]))
+            out[name] = asdict(t)
+        return out
 
     def merge(self, delta: dict[str, dict[str, Any]]) -> None:
         for name, vals in delta.items():

@@ -56,8 +56,9 @@ def all_ids(out) -> list[str]:
 class KillGateAfter:
     """Kills the key gate actor (Ray restarts it, or not) once the server has seen ``after`` requests."""
 
-    def __init__(self, srv, name: str, after: int, no_restart: bool):
+    def __init__(self, srv, name: str, after: int, no_restart: bool, namespace: str | None = "evoray"):
         self.srv, self.name, self.after, self.no_restart = srv, name, after, no_restart
+        self.namespace = namespace
         self.killed = threading.Event()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -67,7 +68,7 @@ class KillGateAfter:
 
         while not self.stop.wait(0.05):
             if self.srv.stats()["requests"] >= self.after:
-                ray.kill(ray.get_actor(self.name, namespace="evoray"), no_restart=self.no_restart)
+                ray.kill(ray.get_actor(self.name, namespace=self.namespace), no_restart=self.no_restart)
                 self.killed.set()
                 return
 
@@ -107,6 +108,31 @@ def test_killing_the_key_gate_mid_stage_loses_and_duplicates_no_row(ray_session,
     # a restarted gate knows it is one (and starts slow); a killed one is made anew by the clients
     assert status["restarted"] is (not no_restart)
     assert stats["rate_limited"] <= 3, stats["rate_limited"]
+
+
+def test_a_job_gate_that_dies_mid_stage_restarts_with_its_ledger_whole(ray_session, fake_key, tmp_path):
+    """The job's own gate actor (ledger, budget) dies mid-stage: Ray restarts it, the calls in flight
+    are retried, every link sends its cumulative tallies again, and the ledger ends whole."""
+    from actors.pools import gate_name
+
+    n = 120
+    ids = rows_file(tmp_path / "rows.parquet", n)
+    with FakeLLMServer(FakeServerConfig(rpm=6000, latency_s=0.05)) as srv:
+        cfg = job_config(srv, tmp_path, 6000)
+        ctx = JobContext(cfg, quiet=True)
+        try:
+            name = gate_name(ctx.session().job_id)
+            with KillGateAfter(srv, name, after=40, no_restart=False, namespace=None) as killer:
+                res = stage_rate(ctx, str(tmp_path / "rows.parquet"), tmp_path / "out")
+            ledger = ctx.ledger_dict()
+        finally:
+            ctx.close()
+        stats = srv.stats()
+    assert killer.killed.is_set(), "the job gate was killed mid-stage"
+    got = all_ids(tmp_path / "out")
+    assert sorted(got) == sorted(ids) and len(got) == len(set(got)), "every row once"
+    assert res.counts["input"] == n and pq.read_table(tmp_path / "out" / "failed.parquet").num_rows == 0
+    assert ledger["total"]["requests"] == stats["requests"] and ledger["total"]["succeeded"] == stats["ok"] == n
 
 
 def test_two_jobs_on_one_key_share_one_gate_and_the_lower_limit(ray_session, fake_key, tmp_path):
