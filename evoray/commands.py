@@ -31,6 +31,15 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import default_out, export
+
+    out = args.output or default_out(args.source, args.format, args.table)
+    s = export(args.source, out, args.format, table=args.table, system=args.system, keep_empty=args.keep_empty)
+    print(s.line())  # the final line, printed at every level
+    return 0
+
+
 def load_config(args) -> JobConfig:
     cfg = JobConfig.from_yaml(args.config, overrides=args.overrides)
     if getattr(args, "input", None):
