@@ -149,6 +149,10 @@ def stage_summary(result) -> str:
     parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in OUTCOME_WORDS.get(result.stage, ())]
     parts.append(f"{c.get('failed', 0)} failed")
     text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
+    if result.stage == "rate":
+        from .stages import threshold_note
+
+        text += threshold_note(c)
     if c.get("budget_stopped"):
         text += f" ({c['budget_stopped']} not done: budget)"
     if result.failed_job:

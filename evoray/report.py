@@ -294,7 +294,14 @@ def _section_scores(ctx: _Ctx) -> str:
         elif t is not None:
             counts[name] = _count_rows(t)
     if scores is not None:
-        mode = (f"top {scores['top_k']} rows" if scores.get("top_k") else f"score at least {scores.get('threshold')}")
+        if scores.get("top_k"):
+            mode = f"top {scores['top_k']} rows"
+        elif "threshold_chosen" in scores:
+            target = (f"{scores['target_rows']} rows" if scores.get("target_rows") is not None
+                      else f"{scores.get('target_fraction')} of the scored rows")
+            mode = f"score at least {scores['threshold_chosen']}, chosen for a target of {target}"
+        else:
+            mode = f"score at least {scores.get('threshold')}"
         parts.append(f"<p>Dimension: <b>{esc(scores.get('dimension', '?'))}</b>; kept: {esc(mode)}.</p>")
     parts.append(_table(("table", "rows"), [(k, v) for k, v in counts.items()], numeric=(1,)))
     buckets = (scores or {}).get("buckets")

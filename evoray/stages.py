@@ -137,10 +137,11 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
 
 
 def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
-    """Rate with a ``top_k`` budget: the scored rows go to an intermediate Parquet file, and the
+    """Rate with a ``top_k`` budget or a target size (``target_rows`` / ``target_fraction``, which
+    become ``k`` once the scored rows are counted): the scored rows go to an intermediate Parquet file, and the
     selection streams it (memory flat in the number of rows) after reading the score column
     (8 bytes a row) for the cut and the ids on the cut for its ties."""
-    from .selection import finish, plan
+    from .selection import chosen_threshold, finish, plan, target_k
 
     cfg = ctx.config
     fmt = cfg.output.format
@@ -156,7 +157,11 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
 
     scores_col = (pq.read_table(scored_path, columns=["score"]).column("score").to_numpy()
                   if scored_file is not None else [])
-    rule, take = plan(scores_col, threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
+    r = cfg.rate
+    k = r.top_k if r.top_k is not None else target_k(len(scores_col), r.target_rows, r.target_fraction)
+    rule, take = plan(scores_col, threshold=r.threshold, top_k=k)
+    chosen = chosen_threshold(rule, scores_col) if r.top_k is None else None
+    on_cut = int((scores_col == rule.cut).sum()) if rule.cut is not None else 0
     del scores_col
     if take:
         ties = [t.filter(pc.equal(t.column("score"), rule.cut)).column("id") for t in scored_batches(["id", "score"])]
@@ -177,7 +182,34 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
     scored_path.unlink(missing_ok=True)
     counts.pop("_scored", None)
     counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
+    if cfg.rate.top_k is None:  # a target size: the threshold it amounts to, and how the ties on it were split
+        counts["threshold_chosen"] = chosen
+        counts["rows_on_threshold"] = on_cut
+        counts["rows_on_threshold_kept"] = take if rule.cut is not None and take else on_cut
     return counts
+
+
+def _target_fields(rate, counts: dict) -> dict:
+    """scores.json's record of a target size: the target and the threshold chosen for it."""
+    if rate.target_rows is None and rate.target_fraction is None:
+        return {}
+    return {"target_rows": rate.target_rows, "target_fraction": rate.target_fraction,
+            "threshold_chosen": counts.get("threshold_chosen"), "rows_on_threshold": counts.get("rows_on_threshold"),
+            "rows_on_threshold_kept": counts.get("rows_on_threshold_kept")}
+
+
+def threshold_note(counts: dict) -> str:
+    """`` (threshold 4.5 chosen for the target; 37 of 120 rows on it kept, by id)`` for a target size."""
+    if "threshold_chosen" not in counts:
+        return ""
+    t = counts["threshold_chosen"]
+    if t is None:
+        return " (target size 0: no threshold, nothing kept)"
+    text = f" (threshold {t:g} chosen for the target"
+    on, kept = counts.get("rows_on_threshold") or 0, counts.get("rows_on_threshold_kept") or 0
+    if on and kept < on:
+        text += f"; {kept} of {on} rows on it kept, by ascending id"
+    return text + ")"
 
 
 def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
@@ -196,7 +228,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
         for b, c in bucket_counts(scores.drop_null().to_pylist()).items():
             buckets[b] += c
 
-    if cfg.rate.top_k is None:
+    if not cfg.rate.sized:
         counts = _rate_threshold(ctx, input_path, outdir, count_buckets)
     else:
         counts = _rate_budget(ctx, input_path, outdir, count_buckets)
@@ -217,13 +249,13 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     (outdir / "scores.json").write_text(json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
         "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,
-        "input": counts["input"]}, indent=2) + "\n")
+        "input": counts["input"], **_target_fields(cfg.rate, counts)}, indent=2) + "\n")
     score_histogram(buckets, outdir / "score_histogram.png")
     total_out = counts["kept"] + counts["rejected"] + counts.get("failed", 0) + counts.get("budget_stopped", 0)
     if total_out != counts["input"]:
         raise RuntimeError(f"rate: {counts['input']} rows in but {total_out} accounted for: {counts}")
     _say(ctx, f"[rate] kept {counts['kept']}, rejected {counts['rejected']}, failed {counts.get('failed', 0)} "
-              f"of {counts['input']} -> {outdir}")
+              f"of {counts['input']}{threshold_note(counts)} -> {outdir}")
     return _finish(ctx, "rate", outdir, fp, counts,
                    {"kept": str(outdir / f"kept.{fmt}"), "rejected": str(outdir / f"rejected.{fmt}")})
 
