@@ -218,6 +218,12 @@ class RateConfig(Base):
     target_fraction: float | None = Field(
         None, gt=0, le=1, description="choose the threshold so that this share of the scored rows is kept (rounded to "
                                       "the nearest row); like target_rows")
+    ensemble: Literal["one", "all"] = Field(
+        "one", description="one: the rater role's providers share the rows (each row rated once); all: every row is rated "
+                           "by every provider of roles.rater (online only), combined by ensemble_rule")
+    ensemble_rule: Literal["mean", "min", "majority"] = Field(
+        "mean", description="ensemble all: the row's score is the raters' mean, their minimum, or (majority) the highest "
+                            "score more than half of them reach, so score >= threshold means a majority kept it")
     random_baseline: bool = Field(True, description="also write a seeded random subset of the kept size")
     seed: int = Field(0, description="seed of the random baseline")
     json_scores: bool = Field(True, description="ask for a JSON score object when the provider supports schemas")
@@ -363,6 +369,22 @@ class JobConfig(Base):
             for n in lst:
                 if n not in names:
                     raise ValueError(f"role '{role}' names unknown provider '{n}' (providers: {', '.join(names)})")
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble(self):
+        if self.rate.ensemble != "all":
+            return self
+        raters = self.providers_for("rater")
+        if len(raters) < 2:
+            raise ValueError(f"rate.ensemble all needs at least two providers in roles.rater "
+                             f"(it has {', '.join(p.name for p in raters) or 'none'})")
+        try:
+            batch = self.stage_mode("rate") == "batch"
+        except ConfigError:
+            batch = False  # the mixed modes are reported when the stage starts
+        if batch:
+            raise ValueError("rate.ensemble all runs online only: set rate.mode online")
         return self
 
     @model_validator(mode="after")

@@ -313,11 +313,44 @@ def _section_scores(ctx: _Ctx) -> str:
         parts.append(_table(list(buckets.keys()), [list(buckets.values())], numeric=range(len(buckets))))
     else:
         parts.append(_not_run("No score buckets (scores.json missing): no histogram."))
+    if (scores or {}).get("ensemble"):
+        parts.append(_ensemble_html(scores["ensemble"]))
     for name, title, kwargs in (("kept", "Kept examples", {}), ("rejected", "Rejected examples", {}),
                                 ("failed", "Failed examples", {"with_score": False, "reason": True})):
         rows = _head(_find_table(d, name))
         parts.append(f"<h3>{esc(title)}</h3>")
         parts.append(_example_rows(rows, **kwargs) if rows else _not_run(f"no {name} rows"))
+    return "".join(parts)
+
+
+def _ensemble_html(e: Mapping[str, Any]) -> str:
+    """The rater ensemble: agreement, per-rater histograms and the rows the raters disagree on most."""
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    raters = list(e.get("raters") or [])
+    parts = [f"<h3>Rater ensemble</h3><p>{len(raters)} raters ({esc(', '.join(raters))}), rule "
+             f"<b>{esc(e.get('rule', '?'))}</b>, {e.get('rows', 0)} row(s) rated by all: Fleiss' kappa on integer "
+             f"buckets {f(e.get('fleiss_kappa'))}, mean pairwise Spearman {f(e.get('spearman_mean'))}.</p>"]
+    hists = e.get("histograms") or {}
+    if hists:
+        keys = list(next(iter(hists.values())).keys())
+        parts.append(_table(["rater", *keys, "mean"], [[r, *hists[r].values(), f((e.get("mean_scores") or {}).get(r))]
+                                                       for r in raters if r in hists],
+                            numeric=range(1, len(keys) + 2)))
+    pairs = e.get("spearman_pairs") or {}
+    if pairs:
+        parts.append(_table(["pair", "Spearman"], [[k.replace("|", " / "), f(v)] for k, v in pairs.items()],
+                            numeric=(1,)))
+    dis = e.get("disagreements") or []
+    parts.append("<h4>Rows the raters disagree on most</h4>")
+    if dis:
+        parts.append(_table(["id", "instruction", *raters, "spread"],
+                            [[d.get("id"), _pre(d.get("instruction"), 300),
+                              *[f((d.get("scores") or {}).get(r)) for r in raters], f(d.get("spread"))] for d in dis],
+                            numeric=range(2, len(raters) + 3)))
+    else:
+        parts.append(_not_run("no row was scored by every rater"))
     return "".join(parts)
 
 

@@ -110,7 +110,7 @@ def _begin(ctx: JobContext, stage: str, input_src: str | None, outdir: Path,
 
 # ---- rate -----------------------------------------------------------------------------------------
 
-def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
+def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
     """Rate with the threshold rule, applied to rows as they arrive: one pass, no intermediate file.
 
     Each landed batch's ``scored`` rows become ``kept`` (``score >= threshold``) or ``rejected``
@@ -127,6 +127,8 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
         scored = pc.equal(status, "scored")
         scores = batch.column("score")
         count_buckets(scores.filter(scored))
+        if observe is not None:
+            observe(batch.filter(scored))
         verdict = pc.if_else(rule.mask(scores, batch.column("id")), "kept", "rejected")
         return batch.set_column(batch.schema.get_field_index("status"), "status",
                                 pc.if_else(scored, verdict, status).cast(pa.string()))
@@ -136,7 +138,7 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
                           cfg.ray.rater_actors, route=route)
 
 
-def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
+def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
     """Rate with a ``top_k`` budget or a target size (``target_rows`` / ``target_fraction``, which
     become ``k`` once the scored rows are counted): the scored rows go to an intermediate Parquet file, and the
     selection streams it (memory flat in the number of rows) after reading the score column
@@ -176,6 +178,8 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
                                    pa.array([name] * part.num_rows, pa.string()))
             sinks[name].write(part)
         count_buckets(t.column("score"))
+        if observe is not None:
+            observe(t)
     del scored_file
     for sink in sinks.values():
         sink.close()
@@ -228,10 +232,18 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
         for b, c in bucket_counts(scores.drop_null().to_pylist()).items():
             buckets[b] += c
 
+    ensemble = None
+    if cfg.rate.ensemble == "all":
+        from .ensemble import EnsembleStats
+
+        if cfg.stage_mode("rate") == "batch":
+            raise UsageError("rate.ensemble all runs online only: set rate.mode online")
+        ensemble = EnsembleStats([p.name for p in cfg.providers_for("rater")], cfg.rate.ensemble_rule)
+    observe = ensemble.add_table if ensemble is not None else None
     if not cfg.rate.sized:
-        counts = _rate_threshold(ctx, input_path, outdir, count_buckets)
+        counts = _rate_threshold(ctx, input_path, outdir, count_buckets, observe)
     else:
-        counts = _rate_budget(ctx, input_path, outdir, count_buckets)
+        counts = _rate_budget(ctx, input_path, outdir, count_buckets, observe)
     buckets["unparsed"] += counts.get("failed", 0)
     # the random baseline: a seeded subset of all input rows, the size of the kept set (ids kept as Arrow)
     if cfg.rate.random_baseline:
@@ -249,7 +261,8 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     (outdir / "scores.json").write_text(json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
         "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,
-        "input": counts["input"], **_target_fields(cfg.rate, counts)}, indent=2) + "\n")
+        "input": counts["input"], **_target_fields(cfg.rate, counts),
+        **({"ensemble": ensemble.to_dict()} if ensemble is not None else {})}, indent=2) + "\n")
     score_histogram(buckets, outdir / "score_histogram.png")
     total_out = counts["kept"] + counts["rejected"] + counts.get("failed", 0) + counts.get("budget_stopped", 0)
     if total_out != counts["input"]:
