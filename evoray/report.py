@@ -61,6 +61,7 @@ pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6rem;white-space:pre-wr
 td pre{max-height:12rem;margin:0;padding:.3rem}
 img{max-width:100%;height:auto;border:1px solid #eee}
 nav a{margin-right:1rem}
+.pair{display:flex;flex-wrap:wrap;gap:.6rem;align-items:flex-start}.pair img{max-width:49%}
 """
 
 
@@ -397,7 +398,15 @@ def _section_optimization(ctx: _Ctx) -> str:
         failure_rate_plot(pts, p)
 
     png = ctx.chart(d, "failure_rate.png", draw)
-    parts.append(_img(png, "failure rate per step"))
+    msteps = _measure_points(d, "steps") or [{"step": s.get("step"), **s["measures"]} for s in steps
+                                              if isinstance(s.get("measures"), dict)]
+    if msteps:
+        mpng = _measures_png(ctx, d, msteps, "step", "Instructions evolved per optimization step")
+        parts.append('<div class="pair">' + _img(png, "failure rate per step") + _img(mpng, "measures per step")
+                     + "</div>")
+        parts.append(_measures_table(msteps, "step"))
+    else:
+        parts.append(_img(png, "failure rate per step"))
     text = None
     if (d / "best_method.txt").is_file():
         text = (d / "best_method.txt").read_text(encoding="utf-8", errors="replace")
@@ -460,12 +469,41 @@ def _stage_rows_block(d: Path, main: str, title: str) -> str:
     return "".join(parts)
 
 
+def _measure_points(d: Path, key: str) -> list[dict[str, Any]]:
+    p = d / "measures.json"
+    if not p.is_file():
+        return []
+    try:
+        pts = _read_json(p).get(key) or []
+    except (ValueError, AttributeError):
+        return []
+    return [x for x in pts if isinstance(x, dict)]
+
+
+def _measures_png(ctx: _Ctx, d: Path, points: list[dict[str, Any]], x: str, title: str) -> Path:
+    from .plots import measures_plot
+
+    return ctx.chart(d, f"measures_{x}.png", lambda p: measures_plot(points, p, x=x, title=title))
+
+
+def _measures_table(points: list[dict[str, Any]], x: str) -> str:
+    keys = ("rows", "mean_words", "distinct_1", "distinct_2", "self_similarity", "grew")
+    return _table((x, "rows", "mean words", "distinct-1", "distinct-2", "self-similarity", "grew"),
+                  [[p.get(x), *(p.get(k) for k in keys)] for p in points], numeric=range(0, 7))
+
+
 def _section_evolution(ctx: _Ctx) -> str:
     parts = []
     d = ctx.stages.get("evolve")
     if d is None:
         parts.append(_not_run("Evolution (evoray evolve) did not run: no evolved table was found."))
     else:
+        rounds = _measure_points(d, "rounds")
+        if rounds:
+            parts.append("<h3>Measures per round (round 0 = the seeds)</h3>")
+            parts.append(_img(_measures_png(ctx, d, rounds, "round", "Instructions per evolution round"),
+                              "measures per round"))
+            parts.append(_measures_table(rounds, "round"))
         parts.append(_stage_rows_block(d, "evolved", "Evolved examples (with lineage)"))
     a = ctx.stages.get("answer")
     if a is not None:

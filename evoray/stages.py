@@ -292,9 +292,13 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
     counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
                             cfg.ray.evolver_actors, extra={"method": method.to_dict()})
     _check_accounted("evolve", counts, ["evolved", "failed"])
-    _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
-              f"with method {method.name} ({method.id}) -> {outdir}")
     fmt = cfg.output.format
+    from .measures import write_evolve_measures
+
+    mpath = write_evolve_measures(input_path, outdir / f"evolved.{fmt}", outdir)
+    rounds = json.loads(mpath.read_text())["rounds"]
+    _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
+              f"with method {method.name} ({method.id}){_measures_note(rounds)} -> {outdir}")
     return _finish(ctx, "evolve", outdir, fp, counts, {"evolved": str(outdir / f"evolved.{fmt}")})
 
 
@@ -310,6 +314,15 @@ def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageR
     _say(ctx, f"[answer] answered {counts.get('answered', 0)}, failed {counts.get('failed', 0)} -> {outdir}")
     fmt = cfg.output.format
     return _finish(ctx, "answer", outdir, fp, counts, {"answered": str(outdir / f"answered.{fmt}")})
+
+
+def _measures_note(rounds: list[dict]) -> str:
+    """``; mean words 12.0 -> 31.5, grew 0.93`` from measures.json's rounds (seeds -> last round)."""
+    if len(rounds) < 2 or rounds[0].get("mean_words") is None or rounds[-1].get("mean_words") is None:
+        return ""
+    grew = rounds[-1].get("grew")
+    return (f"; mean words {rounds[0]['mean_words']:.1f} -> {rounds[-1]['mean_words']:.1f}"
+            + (f", grew {grew:.2f}" if grew is not None else ""))
 
 
 def _check_accounted(stage: str, counts: dict, tables: list[str]) -> None:
