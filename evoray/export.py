@@ -147,9 +147,15 @@ def stage_selection(table_path: Path) -> dict[str, Any]:
     if scores.exists():
         s = json.loads(scores.read_text())
         for k in ("threshold", "threshold_chosen", "target_rows", "target_fraction", "top_k", "dimension",
-                  "kept", "rejected", "failed", "input", "ensemble_rule", "raters"):
+                  "kept", "rejected", "failed", "input"):
             if k in s and s[k] is not None:
                 sel[k] = s[k]
+        ens = s.get("ensemble")
+        if isinstance(ens, dict):
+            sel["ensemble_rule"] = ens.get("rule")
+            sel["raters"] = ens.get("raters")
+            sel["fleiss_kappa"] = ens.get("fleiss_kappa")
+            sel["spearman_mean"] = ens.get("spearman_mean")
     marker = d / "_SUCCESS.json"
     if marker.exists():
         sel["stage_counts"] = {k: v for k, v in json.loads(marker.read_text()).get("counts", {}).items()
@@ -190,13 +196,13 @@ def dataset_card(summary: ExportSummary) -> str:
              "## Selection", ""]
     if "top_k" in sel and sel.get("top_k") is not None:
         lines.append(f"- budget: the best {sel['top_k']} row(s) by score")
-    thr = sel.get("threshold_chosen", sel.get("threshold"))
+    thr = sel.get("threshold_chosen", sel.get("threshold")) if sel.get("top_k") is None else None
     if thr is not None:
         how = " (chosen automatically for " + (f"target_rows {sel['target_rows']}" if sel.get("target_rows") is not None
                                                 else f"target_fraction {sel.get('target_fraction')}") + ")" \
             if "threshold_chosen" in sel else ""
         lines.append(f"- threshold: score >= {thr}{how}")
-    for k in ("dimension", "ensemble_rule", "raters"):
+    for k in ("dimension", "ensemble_rule", "raters", "fleiss_kappa", "spearman_mean"):
         if k in sel:
             lines.append(f"- {k}: {sel[k]}")
     for k in ("input", "kept", "rejected", "failed"):

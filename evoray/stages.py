@@ -193,6 +193,16 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets,
     return counts
 
 
+#: rate keys added after stage folders were first fingerprinted: left out of the fingerprint at their
+#: defaults, so a finished rate stage of an earlier version is still recognised as done
+_LATER_RATE_KEYS = {"target_rows": None, "target_fraction": None, "ensemble": "one", "ensemble_rule": "mean"}
+
+
+def rate_fingerprint(rate) -> dict:
+    d = rate.model_dump()
+    return {k: v for k, v in d.items() if not (k in _LATER_RATE_KEYS and v == _LATER_RATE_KEYS[k])}
+
+
 def _target_fields(rate, counts: dict) -> dict:
     """scores.json's record of a target size: the target and the threshold chosen for it."""
     if rate.target_rows is None and rate.target_fraction is None:
@@ -221,7 +231,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     from .selection import BUCKETS, bucket_counts, random_positions
 
     cfg = ctx.config
-    input_path, fp, done = _begin(ctx, "rate", input_src, outdir, cfg.rate.model_dump(), _providers_fp(cfg, "rater"),
+    input_path, fp, done = _begin(ctx, "rate", input_src, outdir, rate_fingerprint(cfg.rate), _providers_fp(cfg, "rater"),
                                   cfg.output.format)
     if done is not None:
         return done

@@ -115,6 +115,19 @@ def test_hf_round_trip_with_card(tmp_path):
     assert len(datasets.load_from_disk(str(out))) == 8
 
 
+def test_card_records_budget_and_ensemble(tmp_path):
+    from evoray.export import ExportSummary, dataset_card, stage_selection
+
+    d = _stage(tmp_path)
+    (d / "scores.json").write_text(json.dumps({"threshold": 4.5, "top_k": 7, "kept": 7, "ensemble": {
+        "rule": "majority", "raters": ["a", "b", "c"], "fleiss_kappa": 0.41, "spearman_mean": 0.6}}))
+    sel = stage_selection(d / "kept.parquet")
+    card = dataset_card(ExportSummary(source="s", out=str(tmp_path / "x"), fmt="hf", rows_in=7, written=7,
+                                      selection={**sel, "observed": {}}))
+    assert "best 7 row(s)" in card and "score >=" not in card
+    assert "ensemble_rule: majority" in card and "raters: ['a', 'b', 'c']" in card and "fleiss_kappa: 0.41" in card
+
+
 def test_hf_without_datasets_is_a_usage_error(tmp_path, monkeypatch):
     import builtins
 

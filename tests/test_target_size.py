@@ -78,3 +78,12 @@ def test_target_bounds(bad):
 
 def test_sized():
     assert not RateConfig().sized and RateConfig(target_fraction=0.1).sized and RateConfig(top_k=1).sized
+
+
+def test_rate_fingerprint_unchanged_by_the_new_keys_at_their_defaults():
+    base = RateConfig().model_dump()
+    for k in ("target_rows", "target_fraction", "ensemble", "ensemble_rule"):
+        base.pop(k)
+    assert stages.rate_fingerprint(RateConfig()) == base
+    assert stages.rate_fingerprint(RateConfig(target_rows=5))["target_rows"] == 5
+    assert stages.rate_fingerprint(RateConfig(ensemble_rule="min"))["ensemble_rule"] == "min"
