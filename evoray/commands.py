@@ -35,7 +35,8 @@ def cmd_export(args) -> int:
     from .export import default_out, export
 
     out = args.output or default_out(args.source, args.format, args.table)
-    s = export(args.source, out, args.format, table=args.table, system=args.system, keep_empty=args.keep_empty)
+    s = export(args.source, out, args.format, table=args.table, system=args.system, keep_empty=args.keep_empty,
+               progress=getattr(args, "verbose", False))
     print(s.line())  # the final line, printed at every level
     return 0
 

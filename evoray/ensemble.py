@@ -62,7 +62,11 @@ class EnsembleRater:
 
     async def rate(self, row: dict[str, Any]) -> dict[str, Any]:
         names = list(self.raters)
-        outs = await asyncio.gather(*(self.raters[n].rate(row) for n in names))
+        # every rater's call is awaited to its end even when one stops the job (StopJob), then that is raised
+        outs = await asyncio.gather(*(self.raters[n].rate(row) for n in names), return_exceptions=True)
+        for o in outs:
+            if isinstance(o, BaseException):
+                raise o
         attempts = sum(int(o.get("attempts") or 0) for o in outs)
         providers = ",".join(str(o.get("provider") or n) for n, o in zip(names, outs))
         models = ",".join(str(o.get("model") or "?") for o in outs)

@@ -240,8 +240,10 @@ def _import_datasets():
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, table: str | None = None,
-           system: str | None = None, keep_empty: bool = False, batch_rows: int = 8192) -> ExportSummary:
-    """Export one table (see the module docstring); returns the counts."""
+           system: str | None = None, keep_empty: bool = False, batch_rows: int = 8192,
+           progress: bool = False) -> ExportSummary:
+    """Export one table (see the module docstring); returns the counts. ``progress``: let
+    ``datasets`` draw its progress bars (format ``hf``; off unless ``--verbose``)."""
     if fmt not in FORMATS:
         raise UsageError(f"export: unknown format '{fmt}' (known: {', '.join(FORMATS)})")
     path = resolve_table(src, table)
@@ -263,7 +265,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, table: str 
                 yield row
 
     if fmt == "hf":
-        _export_hf(path, out, records, summary, skipped, obs)
+        _export_hf(path, out, records, summary, skipped, obs, progress)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.partial")
@@ -288,11 +290,24 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, table: str 
     return summary
 
 
-def _export_hf(path: Path, out: Path, records, summary: ExportSummary, skipped: Counter, obs: _Observer) -> None:
+def _export_hf(path: Path, out: Path, records, summary: ExportSummary, skipped: Counter, obs: _Observer,
+               progress: bool = False) -> None:
+    datasets = _import_datasets()
+    was_off = datasets.are_progress_bars_disabled() if hasattr(datasets, "are_progress_bars_disabled") else True
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        _write_hf(datasets, path, out, records, summary, skipped, obs)
+    finally:
+        if not progress and not was_off:
+            datasets.enable_progress_bars()
+
+
+def _write_hf(datasets, path: Path, out: Path, records, summary: ExportSummary, skipped: Counter,
+              obs: _Observer) -> None:
     import shutil
     import tempfile
 
-    datasets = _import_datasets()
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -199,3 +199,15 @@ def test_stage_feeds_the_stats_and_report_shows_disagreements(tmp_path, monkeypa
     assert d["rows"] == 4 and d["disagreements"][0]["scores"] == {"a": 2.0, "b": 5.0}
     html = _ensemble_html(d)
     assert "Rows the raters disagree on most" in html and "q3" in html and "Fleiss" in html
+
+
+def test_a_stopped_job_stops_the_ensemble_row():
+    from evoray.errors import BudgetExceeded
+
+    class Stopping:
+        async def rate(self, row):
+            raise BudgetExceeded("the job's budget was reached")
+
+    e = EnsembleRater({"a": _rater("a", "5"), "b": Stopping()}, "mean")
+    with pytest.raises(BudgetExceeded):
+        run(e.rate(new_row("q", output="a")))
