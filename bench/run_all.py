@@ -1,6 +1,6 @@
 """Run every benchmark in one process under one local Ray and write BENCHMARKS.md.
 
-``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6 and b9, B5's 1,000,000 rows once;
+``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b9 and bk, B5's 1,000,000 rows once;
 ``make bench-full`` runs ``b5full``, B5 with three 1,000,000-row runs for their median). Each run merges its
 entries into ``bench/results.json``, and BENCHMARKS.md shows the latest run of every entry.
 ``BENCH_QUICK=1`` shrinks sizes and repetitions (the smoke test) and writes
