@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for the cluster's dashboard and job agent (a fresh head starts them "
                         "after `ray start` returns) and to retry a dropped log stream; default 300")
     _level_args(p)
+    p = sub.add_parser("export", help="a stage's table as Alpaca JSON, ShareGPT, OpenAI chat JSONL or a HF dataset")
+    p.add_argument("source", help="a stage folder (its kept, answered or evolved table) or a table file")
+    p.add_argument("-f", "--format", required=True, choices=["alpaca", "sharegpt", "openai", "hf"])
+    p.add_argument("-o", "--output", help="output file (folder for hf); default SOURCE/export/TABLE.FORMAT[.json|.jsonl]")
+    p.add_argument("--table", help="table name in the stage folder (default: kept, answered, evolved, the first found)")
+    p.add_argument("--system", help="system message for --format openai")
+    p.add_argument("--keep-empty", action="store_true", help="export rows without a response too (else counted as no_response)")
+    _level_args(p)
     p = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     return ap
 
@@ -167,6 +175,10 @@ def _dispatch(args) -> int:
         path = write_report(args.outdir)
         print(f"report: {path}")  # the final line, printed at every level
         return 0
+    if cmd == "export":
+        from .commands import cmd_export
+
+        return cmd_export(args)
     if cmd == "submit":
         from cluster.submit import cmd_submit
 

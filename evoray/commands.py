@@ -31,6 +31,16 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import default_out, export
+
+    out = args.output or default_out(args.source, args.format, args.table)
+    s = export(args.source, out, args.format, table=args.table, system=args.system, keep_empty=args.keep_empty,
+               progress=getattr(args, "verbose", False))
+    print(s.line())  # the final line, printed at every level
+    return 0
+
+
 def load_config(args) -> JobConfig:
     cfg = JobConfig.from_yaml(args.config, overrides=args.overrides)
     if getattr(args, "input", None):
@@ -140,6 +150,10 @@ def stage_summary(result) -> str:
     parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in OUTCOME_WORDS.get(result.stage, ())]
     parts.append(f"{c.get('failed', 0)} failed")
     text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
+    if result.stage == "rate":
+        from .stages import threshold_note
+
+        text += threshold_note(c)
     if c.get("budget_stopped"):
         text += f" ({c['budget_stopped']} not done: budget)"
     if result.failed_job:

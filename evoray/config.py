@@ -211,6 +211,18 @@ class RateConfig(Base):
     dimension: str = Field("accuracy", description="accuracy, helpfulness, or a custom description of what to rate")
     threshold: float = Field(4.5, ge=0, le=5, description="rows scoring at least this are kept")
     top_k: int | None = Field(None, ge=1, description="keep only the best k (ties broken by id)")
+    target_rows: int | None = Field(
+        None, ge=0, description="choose the threshold so that this many rows are kept: the score of the k-th best row, "
+                                "rows on it taken by ascending id (replaces threshold; reported in scores.json)")
+    target_fraction: float | None = Field(
+        None, gt=0, le=1, description="choose the threshold so that this share of the scored rows is kept (rounded to "
+                                      "the nearest row); like target_rows")
+    ensemble: Literal["one", "all"] = Field(
+        "one", description="one: the rater role's providers share the rows (each row rated once); all: every row is rated "
+                           "by every provider of roles.rater (online only), combined by ensemble_rule")
+    ensemble_rule: Literal["mean", "min", "majority"] = Field(
+        "mean", description="ensemble all: the row's score is the raters' mean, their minimum, or (majority) the highest "
+                            "score more than half of them reach, so score >= threshold means a majority kept it")
     random_baseline: bool = Field(True, description="also write a seeded random subset of the kept size")
     seed: int = Field(0, description="seed of the random baseline")
     json_scores: bool = Field(True, description="ask for a JSON score object when the provider supports schemas")
@@ -219,6 +231,19 @@ class RateConfig(Base):
     mode: Literal["online", "batch"] | None = Field(
         None, description="online (the Ray pool) or batch (the providers' batch APIs, half price, answers within 24 h); "
                           "null = batch when every provider of the stage's role has mode batch, else online")
+
+    @model_validator(mode="after")
+    def _one_size_rule(self):
+        given = [k for k in ("top_k", "target_rows", "target_fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"rate.{given[0]} and rate.{given[1]} are mutually exclusive: give one way to size the "
+                             f"kept set")
+        return self
+
+    @property
+    def sized(self) -> bool:
+        """True when the kept set has a size (top_k or a target) rather than a fixed threshold."""
+        return self.top_k is not None or self.target_rows is not None or self.target_fraction is not None
 
 
 class EvolveConfig(Base):
@@ -343,6 +368,22 @@ class JobConfig(Base):
             for n in lst:
                 if n not in names:
                     raise ValueError(f"role '{role}' names unknown provider '{n}' (providers: {', '.join(names)})")
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble(self):
+        if self.rate.ensemble != "all":
+            return self
+        raters = self.providers_for("rater")
+        if len(raters) < 2:
+            raise ValueError(f"rate.ensemble all needs at least two providers in roles.rater "
+                             f"(it has {', '.join(p.name for p in raters) or 'none'})")
+        try:
+            batch = self.stage_mode("rate") == "batch"
+        except ConfigError:
+            batch = False  # the mixed modes are reported when the stage starts
+        if batch:
+            raise ValueError("rate.ensemble all runs online only: set rate.mode online")
         return self
 
     @model_validator(mode="after")

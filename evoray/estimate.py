@@ -359,7 +359,11 @@ class _Builder:
         use_schema = c.json_scores and all(provider_class(p.kind).supports_json_schema for p in pr.providers)
         per_in = _mean(pr.counter.messages(build_rating_request(r, c.dimension, use_schema, c.max_tokens).messages)
                        for r in rows.sample)
-        self.call(st, "rating", "rater", rows.count, per_in, _out(c.max_tokens))
+        raters = len(pr.providers) if c.ensemble == "all" else 1
+        self.call(st, "rating", "rater", rows.count * raters, per_in, _out(c.max_tokens))
+        if raters > 1:
+            st.notes.append(f"rate.ensemble all: every row rated by each of the {raters} raters "
+                            f"(priced at the role's weight-averaged price)")
         st.notes.append("no parse retries assumed (each adds one request per unparsed reply)")
 
     # evolve ---------------------------------------------------------------------------------------

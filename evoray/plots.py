@@ -134,4 +134,35 @@ def failure_rate_plot(history_steps: Iterable[Any], path: str | Path, title: str
     return _save(fig, path)
 
 
-__all__ = ["failure_rate_plot", "score_histogram", "wtl_bar_chart"]
+def measures_plot(points: Iterable[Mapping[str, Any]], path: str | Path, x: str = "round",
+                  title: str = "Evolution measures") -> Path:
+    """Four panels of :mod:`evoray.measures` per round or step (``x`` names the key): mean
+    instruction length in words, distinct-1 and distinct-2, self-similarity, share of rows that grew."""
+    pts = list(points)
+    xs = [p.get(x, i) for i, p in enumerate(pts)]
+    fig = Figure(figsize=(9, 5.5))
+    panels = [("mean words", ("mean_words",)), ("distinct n-grams", ("distinct_1", "distinct_2")),
+              ("self-similarity (MinHash Jaccard)", ("self_similarity",)), ("share of rows that grew", ("grew",))]
+    for i, (name, keys) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        drawn = False
+        for k in keys:
+            xy = [(a, p.get(k)) for a, p in zip(xs, pts) if isinstance(p.get(k), (int, float))]
+            if xy:
+                ax.plot([a for a, _ in xy], [b for _, b in xy], marker="o", label=k.replace("_", "-"))
+                drawn = True
+        if len(keys) > 1 and drawn:
+            ax.legend(frameon=False, fontsize=8)
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center")
+        if keys[0] != "mean_words" and drawn:
+            ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(x, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+__all__ = ["failure_rate_plot", "measures_plot", "score_histogram", "wtl_bar_chart"]

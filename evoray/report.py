@@ -61,6 +61,7 @@ pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.6rem;white-space:pre-wr
 td pre{max-height:12rem;margin:0;padding:.3rem}
 img{max-width:100%;height:auto;border:1px solid #eee}
 nav a{margin-right:1rem}
+.pair{display:flex;flex-wrap:wrap;gap:.6rem;align-items:flex-start}.pair img{max-width:49%}
 """
 
 
@@ -294,7 +295,14 @@ def _section_scores(ctx: _Ctx) -> str:
         elif t is not None:
             counts[name] = _count_rows(t)
     if scores is not None:
-        mode = (f"top {scores['top_k']} rows" if scores.get("top_k") else f"score at least {scores.get('threshold')}")
+        if scores.get("top_k"):
+            mode = f"top {scores['top_k']} rows"
+        elif "threshold_chosen" in scores:
+            target = (f"{scores['target_rows']} rows" if scores.get("target_rows") is not None
+                      else f"{scores.get('target_fraction')} of the scored rows")
+            mode = f"score at least {scores['threshold_chosen']}, chosen for a target of {target}"
+        else:
+            mode = f"score at least {scores.get('threshold')}"
         parts.append(f"<p>Dimension: <b>{esc(scores.get('dimension', '?'))}</b>; kept: {esc(mode)}.</p>")
     parts.append(_table(("table", "rows"), [(k, v) for k, v in counts.items()], numeric=(1,)))
     buckets = (scores or {}).get("buckets")
@@ -306,11 +314,44 @@ def _section_scores(ctx: _Ctx) -> str:
         parts.append(_table(list(buckets.keys()), [list(buckets.values())], numeric=range(len(buckets))))
     else:
         parts.append(_not_run("No score buckets (scores.json missing): no histogram."))
+    if (scores or {}).get("ensemble"):
+        parts.append(_ensemble_html(scores["ensemble"]))
     for name, title, kwargs in (("kept", "Kept examples", {}), ("rejected", "Rejected examples", {}),
                                 ("failed", "Failed examples", {"with_score": False, "reason": True})):
         rows = _head(_find_table(d, name))
         parts.append(f"<h3>{esc(title)}</h3>")
         parts.append(_example_rows(rows, **kwargs) if rows else _not_run(f"no {name} rows"))
+    return "".join(parts)
+
+
+def _ensemble_html(e: Mapping[str, Any]) -> str:
+    """The rater ensemble: agreement, per-rater histograms and the rows the raters disagree on most."""
+    def f(x):
+        return "n/a" if x is None else f"{x:.3f}"
+
+    raters = list(e.get("raters") or [])
+    parts = [f"<h3>Rater ensemble</h3><p>{len(raters)} raters ({esc(', '.join(raters))}), rule "
+             f"<b>{esc(e.get('rule', '?'))}</b>, {e.get('rows', 0)} row(s) rated by all: Fleiss' kappa on integer "
+             f"buckets {f(e.get('fleiss_kappa'))}, mean pairwise Spearman {f(e.get('spearman_mean'))}.</p>"]
+    hists = e.get("histograms") or {}
+    if hists:
+        keys = list(next(iter(hists.values())).keys())
+        parts.append(_table(["rater", *keys, "mean"], [[r, *hists[r].values(), f((e.get("mean_scores") or {}).get(r))]
+                                                       for r in raters if r in hists],
+                            numeric=range(1, len(keys) + 2)))
+    pairs = e.get("spearman_pairs") or {}
+    if pairs:
+        parts.append(_table(["pair", "Spearman"], [[k.replace("|", " / "), f(v)] for k, v in pairs.items()],
+                            numeric=(1,)))
+    dis = e.get("disagreements") or []
+    parts.append("<h4>Rows the raters disagree on most</h4>")
+    if dis:
+        parts.append(_table(["id", "instruction", *raters, "spread"],
+                            [[d.get("id"), _pre(d.get("instruction"), 300),
+                              *[f((d.get("scores") or {}).get(r)) for r in raters], f(d.get("spread"))] for d in dis],
+                            numeric=range(2, len(raters) + 3)))
+    else:
+        parts.append(_not_run("no row was scored by every rater"))
     return "".join(parts)
 
 
@@ -357,7 +398,15 @@ def _section_optimization(ctx: _Ctx) -> str:
         failure_rate_plot(pts, p)
 
     png = ctx.chart(d, "failure_rate.png", draw)
-    parts.append(_img(png, "failure rate per step"))
+    msteps = _measure_points(d, "steps") or [{"step": s.get("step"), **s["measures"]} for s in steps
+                                              if isinstance(s.get("measures"), dict)]
+    if msteps:
+        mpng = _measures_png(ctx, d, msteps, "step", "Instructions evolved per optimization step")
+        parts.append('<div class="pair">' + _img(png, "failure rate per step") + _img(mpng, "measures per step")
+                     + "</div>")
+        parts.append(_measures_table(msteps, "step"))
+    else:
+        parts.append(_img(png, "failure rate per step"))
     text = None
     if (d / "best_method.txt").is_file():
         text = (d / "best_method.txt").read_text(encoding="utf-8", errors="replace")
@@ -420,12 +469,41 @@ def _stage_rows_block(d: Path, main: str, title: str) -> str:
     return "".join(parts)
 
 
+def _measure_points(d: Path, key: str) -> list[dict[str, Any]]:
+    p = d / "measures.json"
+    if not p.is_file():
+        return []
+    try:
+        pts = _read_json(p).get(key) or []
+    except (ValueError, AttributeError):
+        return []
+    return [x for x in pts if isinstance(x, dict)]
+
+
+def _measures_png(ctx: _Ctx, d: Path, points: list[dict[str, Any]], x: str, title: str) -> Path:
+    from .plots import measures_plot
+
+    return ctx.chart(d, f"measures_{x}.png", lambda p: measures_plot(points, p, x=x, title=title))
+
+
+def _measures_table(points: list[dict[str, Any]], x: str) -> str:
+    keys = ("rows", "mean_words", "distinct_1", "distinct_2", "self_similarity", "grew")
+    return _table((x, "rows", "mean words", "distinct-1", "distinct-2", "self-similarity", "grew"),
+                  [[p.get(x), *(p.get(k) for k in keys)] for p in points], numeric=range(0, 7))
+
+
 def _section_evolution(ctx: _Ctx) -> str:
     parts = []
     d = ctx.stages.get("evolve")
     if d is None:
         parts.append(_not_run("Evolution (evoray evolve) did not run: no evolved table was found."))
     else:
+        rounds = _measure_points(d, "rounds")
+        if rounds:
+            parts.append("<h3>Measures per round (round 0 = the seeds)</h3>")
+            parts.append(_img(_measures_png(ctx, d, rounds, "round", "Instructions per evolution round"),
+                              "measures per round"))
+            parts.append(_measures_table(rounds, "round"))
         parts.append(_stage_rows_block(d, "evolved", "Evolved examples (with lineage)"))
     a = ctx.stages.get("answer")
     if a is not None:

@@ -35,7 +35,17 @@ def build_clients(config: JobConfig, roles: list[str], gate: Gate, local_replica
         cache = None
     names = {p.name for r in roles for p in config.providers_for(r)}
     providers = build_providers(config, names, local_replicas)
-    return {
+    out = {
         r: LLMClient([providers[p.name] for p in config.providers_for(r)], gate, cache=cache)
         for r in roles
     }
+    if "rater" in roles and config.rate.ensemble == "all":
+        # the ensemble asks every rater for every row: one client per provider ("rater:NAME"),
+        # on the same gate and cache, so each keeps its own limits and ledger lines
+        for p in config.providers_for("rater"):
+            out[ensemble_client_name(p.name)] = LLMClient([providers[p.name]], gate, cache=cache)
+    return out
+
+
+def ensemble_client_name(provider: str) -> str:
+    return f"rater:{provider}"

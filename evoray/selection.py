@@ -14,6 +14,12 @@ Selection modes:
   scores ranked high to low, ties broken by ascending ``id`` - and all others are rejected. With
   fewer than ``k`` scored rows all are kept.
 
+* target (``rate.target_rows`` / ``rate.target_fraction``): the threshold is chosen on the score
+  scale so the kept set has the target size: it is the score of the ``k``-th best row, and the
+  rows scoring exactly that are taken by ascending ``id`` as in the budget mode, so the size is
+  exact even when many rows share the score. :func:`target_k` turns the target into ``k``;
+  :func:`chosen_threshold` reports the threshold the rule amounts to.
+
 Both return ids in input order (not rank order), so tables keep the order of the data.
 """
 
@@ -152,6 +158,41 @@ def select(
     return kept, rejected
 
 
+def target_k(n_scored: int, target_rows: int | None = None, target_fraction: float | None = None) -> int:
+    """The number of rows to keep for a target: ``target_rows`` itself, or ``target_fraction`` of the
+    scored rows rounded to the nearest row (half up); never more than the scored rows."""
+    if (target_rows is None) == (target_fraction is None):
+        raise ValueError("give exactly one of target_rows and target_fraction")
+    if target_rows is not None:
+        if target_rows < 0:
+            raise ValueError("target_rows must be at least 0")
+        return min(int(target_rows), n_scored)
+    if not 0 <= target_fraction <= 1:
+        raise ValueError("target_fraction must be between 0 and 1")
+    return min(int(math.floor(target_fraction * n_scored + 0.5)), n_scored)
+
+
+def chosen_threshold(rule: Rule, scores: Sequence[float]) -> float | None:
+    """The score-scale threshold a budget rule amounts to: its cut, or the lowest score when every
+    row is kept; None when nothing is kept (or nothing was scored)."""
+    if rule.threshold is not None:
+        return rule.threshold
+    if rule.cut is not None:
+        return float(rule.cut)
+    if rule.keep_all and len(scores):
+        return float(min(scores))
+    return None
+
+
+def auto_select(scored: Sequence[tuple[str, float]], target_rows: int | None = None,
+                target_fraction: float | None = None) -> tuple[list[str], list[str], float | None]:
+    """:func:`select` for a target size: ``(kept_ids, rejected_ids, chosen threshold)``."""
+    k = target_k(len(scored), target_rows, target_fraction)
+    kept, rejected = select(scored, top_k=k)
+    rule, _ = plan([s for _, s in scored], top_k=k)
+    return kept, rejected, chosen_threshold(rule, [s for _, s in scored])
+
+
 def random_positions(n: int, k: int, seed: int = 0) -> list[int]:
     """Positions (in sorted-id order) of the random baseline: the same draw as :func:`random_baseline`."""
     if k < 0:
@@ -169,4 +210,5 @@ def random_baseline(ids: Iterable[str], k: int, seed: int = 0) -> list[str]:
     return [pool[j] for j in random_positions(len(pool), k, seed)]
 
 
-__all__ = ["BUCKETS", "Rule", "bucket_counts", "bucket_of", "finish", "plan", "random_baseline", "random_positions", "select"]
+__all__ = ["BUCKETS", "Rule", "auto_select", "bucket_counts", "bucket_of", "chosen_threshold", "finish", "plan",
+           "random_baseline", "random_positions", "select", "target_k"]

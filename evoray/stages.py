@@ -110,7 +110,7 @@ def _begin(ctx: JobContext, stage: str, input_src: str | None, outdir: Path,
 
 # ---- rate -----------------------------------------------------------------------------------------
 
-def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
+def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
     """Rate with the threshold rule, applied to rows as they arrive: one pass, no intermediate file.
 
     Each landed batch's ``scored`` rows become ``kept`` (``score >= threshold``) or ``rejected``
@@ -127,6 +127,8 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
         scored = pc.equal(status, "scored")
         scores = batch.column("score")
         count_buckets(scores.filter(scored))
+        if observe is not None:
+            observe(batch.filter(scored))
         verdict = pc.if_else(rule.mask(scores, batch.column("id")), "kept", "rejected")
         return batch.set_column(batch.schema.get_field_index("status"), "status",
                                 pc.if_else(scored, verdict, status).cast(pa.string()))
@@ -136,11 +138,12 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
                           cfg.ray.rater_actors, route=route)
 
 
-def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets) -> dict[str, int]:
-    """Rate with a ``top_k`` budget: the scored rows go to an intermediate Parquet file, and the
+def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
+    """Rate with a ``top_k`` budget or a target size (``target_rows`` / ``target_fraction``, which
+    become ``k`` once the scored rows are counted): the scored rows go to an intermediate Parquet file, and the
     selection streams it (memory flat in the number of rows) after reading the score column
     (8 bytes a row) for the cut and the ids on the cut for its ties."""
-    from .selection import finish, plan
+    from .selection import chosen_threshold, finish, plan, target_k
 
     cfg = ctx.config
     fmt = cfg.output.format
@@ -156,7 +159,11 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
 
     scores_col = (pq.read_table(scored_path, columns=["score"]).column("score").to_numpy()
                   if scored_file is not None else [])
-    rule, take = plan(scores_col, threshold=cfg.rate.threshold, top_k=cfg.rate.top_k)
+    r = cfg.rate
+    k = r.top_k if r.top_k is not None else target_k(len(scores_col), r.target_rows, r.target_fraction)
+    rule, take = plan(scores_col, threshold=r.threshold, top_k=k)
+    chosen = chosen_threshold(rule, scores_col) if r.top_k is None else None
+    on_cut = int((scores_col == rule.cut).sum()) if rule.cut is not None else 0
     del scores_col
     if take:
         ties = [t.filter(pc.equal(t.column("score"), rule.cut)).column("id") for t in scored_batches(["id", "score"])]
@@ -171,13 +178,52 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets)
                                    pa.array([name] * part.num_rows, pa.string()))
             sinks[name].write(part)
         count_buckets(t.column("score"))
+        if observe is not None:
+            observe(t)
     del scored_file
     for sink in sinks.values():
         sink.close()
     scored_path.unlink(missing_ok=True)
     counts.pop("_scored", None)
     counts["kept"], counts["rejected"] = sinks["kept"].rows, sinks["rejected"].rows
+    if cfg.rate.top_k is None:  # a target size: the threshold it amounts to, and how the ties on it were split
+        counts["threshold_chosen"] = chosen
+        counts["rows_on_threshold"] = on_cut
+        counts["rows_on_threshold_kept"] = take if rule.cut is not None and take else on_cut
     return counts
+
+
+#: rate keys added after stage folders were first fingerprinted: left out of the fingerprint at their
+#: defaults, so a finished rate stage of an earlier version is still recognised as done
+_LATER_RATE_KEYS = {"target_rows": None, "target_fraction": None, "ensemble": "one", "ensemble_rule": "mean"}
+
+
+def rate_fingerprint(rate) -> dict:
+    d = rate.model_dump()
+    return {k: v for k, v in d.items() if not (k in _LATER_RATE_KEYS and v == _LATER_RATE_KEYS[k])}
+
+
+def _target_fields(rate, counts: dict) -> dict:
+    """scores.json's record of a target size: the target and the threshold chosen for it."""
+    if rate.target_rows is None and rate.target_fraction is None:
+        return {}
+    return {"target_rows": rate.target_rows, "target_fraction": rate.target_fraction,
+            "threshold_chosen": counts.get("threshold_chosen"), "rows_on_threshold": counts.get("rows_on_threshold"),
+            "rows_on_threshold_kept": counts.get("rows_on_threshold_kept")}
+
+
+def threshold_note(counts: dict) -> str:
+    """`` (threshold 4.5 chosen for the target; 37 of 120 rows on it kept, by id)`` for a target size."""
+    if "threshold_chosen" not in counts:
+        return ""
+    t = counts["threshold_chosen"]
+    if t is None:
+        return " (target size 0: no threshold, nothing kept)"
+    text = f" (threshold {t:g} chosen for the target"
+    on, kept = counts.get("rows_on_threshold") or 0, counts.get("rows_on_threshold_kept") or 0
+    if on and kept < on:
+        text += f"; {kept} of {on} rows on it kept, by ascending id"
+    return text + ")"
 
 
 def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
@@ -185,7 +231,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     from .selection import BUCKETS, bucket_counts, random_positions
 
     cfg = ctx.config
-    input_path, fp, done = _begin(ctx, "rate", input_src, outdir, cfg.rate.model_dump(), _providers_fp(cfg, "rater"),
+    input_path, fp, done = _begin(ctx, "rate", input_src, outdir, rate_fingerprint(cfg.rate), _providers_fp(cfg, "rater"),
                                   cfg.output.format)
     if done is not None:
         return done
@@ -196,10 +242,18 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
         for b, c in bucket_counts(scores.drop_null().to_pylist()).items():
             buckets[b] += c
 
-    if cfg.rate.top_k is None:
-        counts = _rate_threshold(ctx, input_path, outdir, count_buckets)
+    ensemble = None
+    if cfg.rate.ensemble == "all":
+        from .ensemble import EnsembleStats
+
+        if cfg.stage_mode("rate") == "batch":
+            raise UsageError("rate.ensemble all runs online only: set rate.mode online")
+        ensemble = EnsembleStats([p.name for p in cfg.providers_for("rater")], cfg.rate.ensemble_rule)
+    observe = ensemble.add_table if ensemble is not None else None
+    if not cfg.rate.sized:
+        counts = _rate_threshold(ctx, input_path, outdir, count_buckets, observe)
     else:
-        counts = _rate_budget(ctx, input_path, outdir, count_buckets)
+        counts = _rate_budget(ctx, input_path, outdir, count_buckets, observe)
     buckets["unparsed"] += counts.get("failed", 0)
     # the random baseline: a seeded subset of all input rows, the size of the kept set (ids kept as Arrow)
     if cfg.rate.random_baseline:
@@ -217,13 +271,14 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
     (outdir / "scores.json").write_text(json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
         "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,
-        "input": counts["input"]}, indent=2) + "\n")
+        "input": counts["input"], **_target_fields(cfg.rate, counts),
+        **({"ensemble": ensemble.to_dict()} if ensemble is not None else {})}, indent=2) + "\n")
     score_histogram(buckets, outdir / "score_histogram.png")
     total_out = counts["kept"] + counts["rejected"] + counts.get("failed", 0) + counts.get("budget_stopped", 0)
     if total_out != counts["input"]:
         raise RuntimeError(f"rate: {counts['input']} rows in but {total_out} accounted for: {counts}")
     _say(ctx, f"[rate] kept {counts['kept']}, rejected {counts['rejected']}, failed {counts.get('failed', 0)} "
-              f"of {counts['input']} -> {outdir}")
+              f"of {counts['input']}{threshold_note(counts)} -> {outdir}")
     return _finish(ctx, "rate", outdir, fp, counts,
                    {"kept": str(outdir / f"kept.{fmt}"), "rejected": str(outdir / f"rejected.{fmt}")})
 
@@ -247,9 +302,13 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
     counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
                             cfg.ray.evolver_actors, extra={"method": method.to_dict()})
     _check_accounted("evolve", counts, ["evolved", "failed"])
-    _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
-              f"with method {method.name} ({method.id}) -> {outdir}")
     fmt = cfg.output.format
+    from .measures import write_evolve_measures
+
+    mpath = write_evolve_measures(input_path, outdir / f"evolved.{fmt}", outdir)
+    rounds = json.loads(mpath.read_text())["rounds"]
+    _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
+              f"with method {method.name} ({method.id}){_measures_note(rounds)} -> {outdir}")
     return _finish(ctx, "evolve", outdir, fp, counts, {"evolved": str(outdir / f"evolved.{fmt}")})
 
 
@@ -265,6 +324,15 @@ def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageR
     _say(ctx, f"[answer] answered {counts.get('answered', 0)}, failed {counts.get('failed', 0)} -> {outdir}")
     fmt = cfg.output.format
     return _finish(ctx, "answer", outdir, fp, counts, {"answered": str(outdir / f"answered.{fmt}")})
+
+
+def _measures_note(rounds: list[dict]) -> str:
+    """``; mean words 12.0 -> 31.5, grew 0.93`` from measures.json's rounds (seeds -> last round)."""
+    if len(rounds) < 2 or rounds[0].get("mean_words") is None or rounds[-1].get("mean_words") is None:
+        return ""
+    grew = rounds[-1].get("grew")
+    return (f"; mean words {rounds[0]['mean_words']:.1f} -> {rounds[-1]['mean_words']:.1f}"
+            + (f", grew {grew:.2f}" if grew is not None else ""))
 
 
 def _check_accounted(stage: str, counts: dict, tables: list[str]) -> None:

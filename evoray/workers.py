@@ -38,6 +38,17 @@ def _supports_schema(clients, role: str) -> bool:
 def _rate(config, clients, extra):
     from .rating import Rater
 
+    if config.rate.ensemble == "all":
+        from .ensemble import EnsembleRater
+        from .runtime import ensemble_client_name
+
+        raters = {}
+        for p in config.providers_for("rater"):
+            client = clients[ensemble_client_name(p.name)]
+            schema = all(x.supports_json_schema for x in client.providers.values())
+            raters[p.name] = Rater(client, config.rate, use_schema=config.rate.json_scores and schema,
+                                   json_fallback=schema)
+        return EnsembleRater(raters, config.rate.ensemble_rule).rate
     schema = _supports_schema(clients, "rater")
     rater = Rater(clients["rater"], config.rate, use_schema=config.rate.json_scores and schema, json_fallback=schema)
     return rater.rate

@@ -31,6 +31,7 @@ EXPECTED = {
     "B6": ["evoray local provider tok/s / direct llama-cpp-python tok/s"],
     "B7": ["rpm / limit", "p99 wait for a permit", "key gate CPU per request"],
     "BK": ["rows accounted / rows in", "duplicate rows", "requests beyond one per row"],
+    "B8": ["alpaca wall time", "openai peak RSS", "hf peak RSS"],
     "B9": ["online cost of rating", "batch cost of rating", "batch cost / online cost",
            "rows with the same outcome online and in batch"],
 }

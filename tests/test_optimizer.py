@@ -108,6 +108,11 @@ async def test_one_step_best_candidate_chosen_and_evaluations_overlap(tmp_path):
     assert hist["best_method"]["id"] == result.best_method.id
     assert load_method(paths["best_method"]).id == result.best_method.id
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # measures of the instructions each step's trajectories evolved (evoray.measures)
+    m = json.loads(paths["measures"].read_text())["steps"]
+    assert [x["step"] for x in m] == [1] and m[0] == {"step": 1, "method_id": step["method_id"], **step["measures"]}
+    evolved = sum(1 for t in step["trajectories"] for s in t["steps"] if s["evolved"] is not None)
+    assert m[0]["rows"] == evolved and 0 <= m[0]["grew"] <= 1 and m[0]["mean_words"] > 0
 
 
 async def test_failed_proposal_recorded_not_fatal():

@@ -159,3 +159,52 @@ def test_rule_mask_sends_null_scores_to_rejected():
 
     m = Rule(threshold=4.5).mask(pa.array([5.0, None, float("nan"), 4.5]), pa.array(["a", "b", "c", "d"]))
     assert m.to_pylist() == [True, False, False, True]
+
+
+# ---- a target size: the threshold chosen so the kept set has that size --------------------------------
+
+from evoray.selection import auto_select, chosen_threshold, plan, target_k  # noqa: E402
+
+
+def test_target_k_rows_and_fraction():
+    assert target_k(10, target_rows=3) == 3
+    assert target_k(10, target_rows=30) == 10
+    assert target_k(10, target_fraction=0.25) == 3  # 2.5 rounds half up
+    assert target_k(10, target_fraction=0.24) == 2
+    assert target_k(0, target_fraction=0.5) == 0
+    with pytest.raises(ValueError):
+        target_k(10)
+    with pytest.raises(ValueError):
+        target_k(10, target_rows=1, target_fraction=0.1)
+
+
+def test_auto_threshold_breaks_ties_by_id_like_top_k():
+    scored = [("e", 5.0), ("d", 4.5), ("c", 4.5), ("a", 4.5), ("b", 4.0), ("f", 3.0)]
+    kept, rejected, thr = auto_select(scored, target_rows=3)
+    assert thr == 4.5 and kept == ["e", "c", "a"] and rejected == ["d", "b", "f"]  # input order, ties by ascending id
+    assert kept == select(scored, top_k=3)[0]
+    kept, _, thr = auto_select(scored, target_fraction=0.5)
+    assert thr == 4.5 and len(kept) == 3
+    kept, _, thr = auto_select(scored, target_rows=5)
+    assert thr == 4.0 and len(kept) == 5
+    kept, _, thr = auto_select(scored, target_rows=6)
+    assert thr == 3.0 and len(kept) == 6
+    kept, _, thr = auto_select(scored, target_rows=0)
+    assert thr is None and kept == []
+
+
+def test_auto_threshold_on_paper_histogram():
+    scored = paper_scores()
+    kept, _, thr = auto_select(scored, target_rows=9229)
+    assert thr == 4.5 and sorted(kept) == sorted(select(scored, threshold=4.5)[0])
+    kept, _, thr = auto_select(scored, target_fraction=0.1)
+    assert len(kept) == round(0.1 * len(scored)) and thr == 4.5  # the 4.5 bucket holds the cut
+
+
+def test_chosen_threshold_of_rules():
+    rule, _ = plan([1.0, 2.0], top_k=5)
+    assert chosen_threshold(rule, [1.0, 2.0]) == 1.0
+    rule, _ = plan([], top_k=0)
+    assert chosen_threshold(rule, []) is None
+    rule, _ = plan([1.0], threshold=4.0)
+    assert chosen_threshold(rule, [1.0]) == 4.0

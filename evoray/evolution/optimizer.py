@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 from ..config import EvolveConfig, OptimizeConfig
 from ..errors import StopJob, InputError, ParseError, ProviderError, RetriesExhausted
+from ..measures import trajectory_measures
 from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
 from ..providers.base import Request
 from .evolver import Evolver
@@ -259,6 +260,7 @@ class Optimizer:
             batch = rng.sample(train, min(c.batch_size, len(train)))
             log.info("[optimize] step %d: evolving %d trajectories of length %d", t, len(batch), c.trajectory_length)
             trajectories = await self._trajectories(current, batch)
+            step_measures = trajectory_measures(trajectories, seed=c.seed)
             log.info("[optimize] step %d: analysing them and proposing %d candidate methods", t, c.candidates)
             proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
                                                  c.temperature, c.top_p, max_tokens=c.max_tokens,
@@ -310,6 +312,7 @@ class Optimizer:
                 "best_failure_rate": current_rate,
                 "baseline_failure_rate": step_baseline,
                 "baseline": baseline_eval,
+                "measures": step_measures,
             })
             log.info("[optimize] step %d: failure rates %s; best so far %.3f", t,
                      ", ".join(f"{by_id[m.id].failure_rate:.3f}" for _, m in cands) or "none", current_rate)
@@ -368,5 +371,9 @@ def write_outputs(result: OptimizeResult, outdir: str | Path) -> dict[str, Path]
              "plot": out / "failure_rate.png"}
     paths["history"].write_text(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["best_method"].write_text(result.best_method.text, encoding="utf-8")
+    paths["measures"] = out / "measures.json"
+    steps = [{"step": s["step"], "method_id": s.get("method_id"), **s["measures"]}
+             for s in result.history if s.get("measures")]
+    paths["measures"].write_text(json.dumps({"steps": steps}, indent=2) + "\n", encoding="utf-8")
     plot_failure_rate(result, paths["plot"])
     return paths
