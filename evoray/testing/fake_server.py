@@ -263,6 +263,17 @@ def unchanged_rewrite_reply(instruction: str) -> str:
     return f"{REWRITE_FINAL_MARKER}\n{instruction.strip()}"
 
 
+def equality_reply(prompt: str) -> str:
+    """The no-information-gain check: Equal when the two fenced instructions are the same text
+    (spacing and case aside), else Not Equal."""
+    first = re.search(r"<<<FIRST INSTRUCTION>>>\n(.*?)\n<<<END FIRST INSTRUCTION>>>", prompt, re.S | re.I)
+    second = re.search(r"<<<SECOND INSTRUCTION>>>\n(.*?)\n<<<END SECOND INSTRUCTION>>>", prompt, re.S | re.I)
+    if not first or not second:
+        return "Not Equal"
+    same = " ".join(first.group(1).lower().split()) == " ".join(second.group(1).lower().split())
+    return "Equal" if same else "Not Equal"
+
+
 def clarification_reply() -> str:
     """A failed evolution / answer: the model asks for the details instead of doing the task."""
     return "Sure, could you please provide the details?"
@@ -383,6 +394,8 @@ def default_reply(messages: list[dict[str, Any]], wants_json: bool | dict = Fals
     everything = "\n\n".join(_text_of(m.get("content")) for m in messages).lower()
     if all(_has_any(everything, (m,)) for m in PAIRWISE_MARKERS):
         return pairwise_reply()
+    if "<<<first instruction>>>" in everything and "<<<second instruction>>>" in everything:
+        return equality_reply(last_user or everything)
     if _has_any(everything, RATING_MARKERS) and re.search(RATING_SCALE_PATTERN, everything):
         return rating_reply()
     if _has_any(everything, OPTIMIZER_MARKERS) or (
