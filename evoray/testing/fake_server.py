@@ -229,6 +229,8 @@ _INSTRUCTION_END = (
     r"|\n[ \t]*#|\n[ \t]*step\s*\d|\Z)"
 )
 _INSTRUCTION_PATTERNS = (
+    # evoray's own methods fence the instruction (before the next pattern: their text says "instruction: ...")
+    re.compile(r"<<<BEGIN INSTRUCTION>>>\n(.*?)\n<<<END INSTRUCTION>>>", re.S),
     re.compile(r"<instruction>\s*(.*?)\s*</instruction>", re.I | re.S),
     re.compile(r"#(?:the\s+)?given\s+(?:instruction|prompt)#[ \t]*:?[ \t]*\n?(.+?)" + _INSTRUCTION_END, re.I | re.S),
     re.compile(r"#instruction#[ \t]*(?::[ \t]*\n?|\n)(.+?)" + _INSTRUCTION_END, re.I | re.S),
@@ -237,7 +239,8 @@ _INSTRUCTION_PATTERNS = (
 
 
 def extract_instruction(text: str) -> str:
-    """The instruction a rewrite prompt carries (tags, ``#Instruction#:``, ``Instruction:``), else
+    """The instruction a rewrite prompt carries (evoray's ``<<<BEGIN INSTRUCTION>>>`` fence, tags,
+    ``#Instruction#:``, ``Instruction:``), else
     the prompt's last paragraph."""
     for pattern in _INSTRUCTION_PATTERNS:
         found = [m.strip() for m in pattern.findall(text) if m.strip()]
