@@ -339,7 +339,7 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
     from actors.candidates import CandidatePool
     from actors.pools import worker_context
     from .evolution.methods import load_method
-    from .evolution.optimizer import Optimizer, write_outputs
+    from .evolution.optimizer import Optimizer, write_history, write_outputs
 
     cfg = ctx.config
     initial = load_method(cfg.evolve.method)
@@ -355,8 +355,10 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
 
     async def go():
         _, clients = worker_context(session._config_json, session.job_id, ["evol", "optimizer"])
+        # history.json after every step: a crash or a budget stop keeps the steps done
         opt = Optimizer(clients["evol"], clients["optimizer"], cfg.optimize, cfg.evolve, evaluate=pool.evaluate,
-                        initial_method=initial)
+                        initial_method=initial,
+                        on_step=lambda res: write_history(res, outdir, {"candidate_nodes": sorted(pool.nodes)}))
         try:
             return await opt.run(rows)
         finally:
@@ -367,10 +369,7 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
         result = asyncio.run(go())
     finally:
         pool.close()
-    paths = write_outputs(result, outdir)
-    hist = json.loads(Path(paths["history"]).read_text())
-    hist["candidate_nodes"] = sorted(pool.nodes)
-    Path(paths["history"]).write_text(json.dumps(hist, indent=2) + "\n")
+    paths = write_outputs(result, outdir, {"candidate_nodes": sorted(pool.nodes)})
     counts = {"input": count_rows(input_path), "sampled": len(rows), "steps": len(result.history),
               "best_method_id": result.best_method.id, "best_failure_rate": result.best_failure_rate,
               "initial_failure_rate": result.baseline_failure_rate}

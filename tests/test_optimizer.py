@@ -23,8 +23,8 @@ GOOD_ANSWER = "The answer is 42, because six times seven is forty-two."
 
 
 def candidate_text(word: str) -> str:
-    return (f"Rewrite the instruction to be harder; work the word {word} into it.\n"
-            f"#Instruction#:\n{SLOT}\nThen write {FINAL_MARKER} and the result.\n")
+    return (f"Step 1: Rewrite the instruction to be harder; work the word {word} into it.\n"
+            f"Step 2: Then write {FINAL_MARKER} and the result.\n#Instruction#:\n{SLOT}\n")
 
 
 def opt_responder(request) -> str:
@@ -176,8 +176,9 @@ async def test_stops_when_failure_rate_does_not_fall():
     assert not s2["improved"] and s2["chosen_failure_rate"] == 0.4 and s2["best_failure_rate"] == 0.3
     assert s2["baseline_failure_rate"] == 0.3 and s2["method_id"] == s1["chosen"]
     assert "BRAVO" in result.best_method.text and result.best_failure_rate == 0.3
-    # the baseline is evaluated on step 1 only
-    assert len(calls[0]) == 3 and len(calls[1]) == 2
+    # the current method is measured again every step beside the candidates (BRAVO in step 2)
+    assert len(calls[0]) == 3 and len(calls[1]) == 3 and s1["chosen"] in calls[1]
+    assert s2["current_remeasured"]["failure_rate"] == 0.3
 
 
 async def test_patience_two_runs_until_steps():
