@@ -137,20 +137,22 @@ class Proposal(NamedTuple):
 _NUMBERED_STEP = re.compile(r"(?im)^[ \t>*#-]*(?:step\s*\d+\b|\d+[.)]\s)")
 
 
-def method_problem(method: Method) -> str | None:
+def method_problem(method: Method, parent: Method | None = None) -> str | None:
     """Why a candidate method is gibberish and is not worth evaluating, or None.
 
-    An evolving method in Auto Evol-Instruct is numbered steps that end with the final rewritten
-    instruction; a candidate without numbered steps (``Step 1``, ``1.``) or without a final marker
-    (a ``#...#`` marker naming a final result, or the words "final rewritten instruction") is
-    rejected before it costs a dev-set evaluation.
+    A method must name its final result: a ``#...#`` marker naming a final result, or the words
+    "final(ly) rewritten instruction/prompt" (without it no evolved instruction can be extracted).
+    An Auto Evol-Instruct method is numbered steps that end with the final rewritten instruction:
+    a candidate rewrite of a ``parent`` that has numbered steps (``Step 1``, ``1.``) must keep
+    numbered steps (Evol-Instruct's single-operation methods have none, and their rewrites need
+    none). Checked before a candidate costs a dev-set evaluation.
     """
     body = method.text.replace(SLOT, "")
-    if not _NUMBERED_STEP.search(body):
-        return "no numbered steps"
     low = body.lower()
     if method.final_marker is None and not re.search(r"final(?:ly)?\W+rewritten\W+(?:instruction|prompt)", low):
         return "no final rewritten-instruction marker"
+    if (parent is None or _NUMBERED_STEP.search(parent.text)) and not _NUMBERED_STEP.search(body):
+        return "no numbered steps"
     return None
 
 
@@ -197,7 +199,7 @@ async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequ
                                                   sample_index=i,
                                                   json_schema=METHOD_SCHEMA if json_output else None))
             meth = Method(f"{name_prefix}-{i}", _method_text(o, json_output))
-            problem = method_problem(meth)
+            problem = method_problem(meth, method)
             if problem is not None:
                 return Proposal(feedback, None, i, f"rejected: {problem}", meth.text)
             return Proposal(feedback, meth, i)
