@@ -329,7 +329,8 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     counts["failure_reasons"] = reasons
     ov = summary.get("overall", {})
     _say(ctx, f"[judge] Win {ov.get('win')} / Tie {ov.get('tie')} / Lose {ov.get('lose')} (failed {ov.get('failed')}), "
-              f"winning score {ov.get('winning_score')} -> {outdir}")
+              f"winning score {ov.get('winning_score')} (paper: over the test-set size; judged only "
+              f"{ov.get('winning_score_judged_only')}) -> {outdir}")
     return _finish(ctx, "judge", outdir, fp, counts, {"judgments": str(outdir / f"judgments.{fmt}")})
 
 
