@@ -1,6 +1,6 @@
 """Run every benchmark in one process under one local Ray and write BENCHMARKS.md.
 
-``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b6 and b9, B5's 1,000,000 rows once;
+``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs DEFAULT, B5's 1,000,000 rows once;
 ``make bench-full`` runs ``b5full``, B5 with three 1,000,000-row runs for their median). Each run merges its
 entries into ``bench/results.json``, and BENCHMARKS.md shows the latest run of every entry.
 ``BENCH_QUICK=1`` shrinks sizes and repetitions (the smoke test) and writes
@@ -36,9 +36,10 @@ BENCHES = {
     "b7": ("b7_gate_scale", "B7 gate scale (32 actors, 6,000 rpm)"),
     "bk": ("bk_gate_killed", "BK gate killed mid-run"),
     "b9": ("b9_batch_cost", "B9 cost of rating online vs in batch mode"),
+    "b10": ("b10_detector", "B10 failure detector: paper vs strict rules on a labelled set"),
     "b5full": ("b5_memory", "B5 memory at scale, three large runs", "run_full"),
 }
-DEFAULT = ["b1", "b1x", "b1a", "b2", "b3", "b4", "b5", "b6", "b7", "bk", "b9"]  # `make bench`; b5full is `make bench-full`
+DEFAULT = ["b1", "b1x", "b1a", "b2", "b3", "b4", "b5", "b6", "b7", "bk", "b9", "b10"]  # `make bench`; b5full is `make bench-full`
 RESULTS = ROOT / "bench" / "results.json"  # every entry's latest full-size run, merged across invocations
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept by run_all.py -->", "<!-- /notes -->"
 

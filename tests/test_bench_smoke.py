@@ -33,6 +33,7 @@ EXPECTED = {
     "BK": ["rows accounted / rows in", "duplicate rows", "requests beyond one per row"],
     "B9": ["online cost of rating", "batch cost of rating", "batch cost / online cost",
            "rows with the same outcome online and in batch"],
+    "B10": ["paper precision", "paper recall", "strict precision", "strict recall"],
 }
 
 

@@ -201,3 +201,38 @@ def test_anthropic_batch_line_carries_sampling_in_params(monkeypatch):
     line = batch_api(prov).line("r1", Request(messages=[{"role": "user", "content": "x"}], temperature=0.2,
                                                   top_p=0.9))
     assert line["params"]["temperature"] == 0.2 and line["params"]["top_p"] == 0.9 and "extra_body" not in line["params"]
+
+
+# ---- the labelled detector set (B10) -----------------------------------------------------------
+
+DETECTOR_SET = Path(__file__).resolve().parent / "data" / "detector_set.jsonl"
+
+
+def test_detector_set_holds_recipes_not_shared_data():
+    lines = [json.loads(line) for line in DETECTOR_SET.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) >= 200 and {r["label"] for r in lines} == {"failed", "ok"}
+    assert {r["seed"]["file"] for r in lines} == {"gsm8k/train.jsonl", "alpagasus/random_9k.json"}
+    assert all(r["reason"] for r in lines)
+    assert "Natalia" not in DETECTOR_SET.read_text(encoding="utf-8")  # no seed text copied in
+
+
+def test_detector_set_is_what_the_generator_writes():
+    from evoray.testing.detector_set import build
+
+    real_rows(1)  # skips without ../shared/data
+    lines = [json.loads(line) for line in DETECTOR_SET.read_text(encoding="utf-8").splitlines()]
+    assert lines == build(DATA)
+
+
+async def test_strict_catches_every_labelled_failure_and_fails_no_ok_row():
+    from evoray.testing.detector_set import load, score
+
+    real_rows(1)  # skips without ../shared/data
+    rows = list(load(DETECTOR_SET, DATA))
+    strict = await score(rows, "strict")
+    assert strict["fn"] == 0, [(r["reason"], r["evolved"][:80]) for r in strict["wrong"] if r["label"] == "failed"]
+    assert strict["fp"] == 0, [(r["rule"], r["evolved"][:80]) for r in strict["wrong"]]
+    paper = await score(rows, "paper")
+    assert paper["fp"] == 0 and 0 < paper["recall"] < 1  # the paper rules miss what strict adds
+    missed = {r["reason"] for r in paper["wrong"]}
+    assert "degenerate: small-model garbage (issue 17, embedded model)" in missed

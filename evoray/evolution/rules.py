@@ -86,7 +86,7 @@ _DELIMITER = re.compile(r"<<<[^<>\n]{1,60}>>>")
 #: strict thresholds (see the module and the README's failure-rule table)
 MIN_LENGTH_RATIO = 0.5
 MIN_CONTENT_OVERLAP = 0.3
-MIN_CONTENT_WORDS = 4
+MIN_CONTENT_WORDS = 3
 MIN_EVOLVED_WORDS = 3
 ASK_BACK_MAX_WORDS = 80
 _ASKS_FOR = re.compile(
