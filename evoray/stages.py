@@ -248,9 +248,38 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
                             cfg.ray.evolver_actors, extra={"method": method.to_dict()})
     _check_accounted("evolve", counts, ["evolved", "failed"])
     _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
-              f"with method {method.name} ({method.id}) -> {outdir}")
+              f"with method {method.name} ({method.id}), rules {_rules_label(cfg)} -> {outdir}")
+    for line in failed_rows_lines(outdir, "evolve"):
+        _say(ctx, line)
     fmt = cfg.output.format
     return _finish(ctx, "evolve", outdir, fp, counts, {"evolved": str(outdir / f"evolved.{fmt}")})
+
+
+def _rules_label(cfg: JobConfig) -> str:
+    rules = cfg.evolve.rules
+    return rules if isinstance(rules, str) else "[" + ", ".join(rules) + "]"
+
+
+#: failed rows the evolve stage lists one by one (the rest are counted)
+SHOW_FAILED = 10
+
+
+def failed_rows_lines(outdir: Path, stage: str, limit: int = SHOW_FAILED) -> list[str]:
+    """One line per failed row (its seed, the rule that fired or the reason, the text it reached),
+    at most ``limit``, then how many more there are in the failed table."""
+    path = find_table(outdir, "failed")
+    if path is None:
+        return []
+    rows = read_table(path).to_pylist()
+    lines = []
+    for r in rows[:limit]:
+        text = " ".join(str(r.get("instruction") or "").split())
+        text = text if len(text) <= 70 else text[:67] + "..."
+        why = f"rule {r['rule']}" if r.get("rule") else (r.get("reason") or "?")
+        lines.append(f"[{stage}]   failed: seed {r.get('parent_id') or r.get('id')}: {why}; reached {text!r}")
+    if len(rows) > limit:
+        lines.append(f"[{stage}]   ... and {len(rows) - limit} more failed row(s) in {path}")
+    return lines
 
 
 def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:

@@ -236,3 +236,19 @@ async def test_strict_catches_every_labelled_failure_and_fails_no_ok_row():
     assert paper["fp"] == 0 and 0 < paper["recall"] < 1  # the paper rules miss what strict adds
     missed = {r["reason"] for r in paper["wrong"]}
     assert "degenerate: small-model garbage (issue 17, embedded model)" in missed
+
+
+# ---- make run says which rows failed and why --------------------------------------------------
+
+def test_evolve_stage_lists_failed_rows_and_their_rules(tmp_path):
+    from evoray.stages import failed_rows_lines
+
+    rows = [{"id": f"r{i}", "parent_id": f"seed{i}", "instruction": "{" if i % 2 else "albert " * 30,
+             "rule": "degenerate_instruction" if i % 2 else None,
+             "reason": None if i % 2 else "provider error: timeout"} for i in range(12)]
+    (tmp_path / "failed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = failed_rows_lines(tmp_path, "evolve", limit=3)
+    assert lines[0] == "[evolve]   failed: seed seed0: provider error: timeout; reached '" + ("albert " * 10)[:67] + "...'"
+    assert lines[1] == "[evolve]   failed: seed seed1: rule degenerate_instruction; reached '{'"
+    assert lines[3].startswith("[evolve]   ... and 9 more failed row(s)")
+    assert failed_rows_lines(tmp_path / "none", "evolve") == []
