@@ -246,7 +246,7 @@ class EvolveConfig(Base):
     temperature: float = Field(
         0.0, ge=0, le=2,
         description="sampling temperature of evolution requests; 0 because Auto Evol-Instruct runs its evol LLM at "
-                    "temperature 0 (Zeng et al. 2024, section 4.1)")
+                    "temperature 0 (Zeng et al. 2024, experimental setup)")
     answer_temperature: float = Field(
         0.0, ge=0, le=2,
         description="sampling temperature of the evol LLM's answers to evolved instructions (what the answer rules "
@@ -268,10 +268,10 @@ class OptimizeConfig(Base):
     patience: int = Field(1, ge=1, description="stop after this many steps without a lower failure rate")
     temperature: float = Field(
         0.6, ge=0, le=2, description="optimizer LLM sampling temperature; 0.6 as in Auto Evol-Instruct (Zeng et al. "
-                                     "2024, section 4.1)")
+                                     "2024, experimental setup)")
     top_p: float = Field(
         0.95, gt=0, le=1, description="optimizer LLM nucleus sampling; 0.95 as in Auto Evol-Instruct (Zeng et al. "
-                                      "2024, section 4.1)")
+                                      "2024, experimental setup)")
     seed: int = Field(0, description="seed of the samples")
     max_tokens: int = Field(1024, ge=16, description="max tokens of an optimizer reply")
     json_output: bool = Field(
