@@ -189,8 +189,33 @@ def test_anthropic_drops_top_p_once_when_the_pair_is_rejected_and_names_it_unhon
     assert prov.sampling_params(req) == {"temperature": 0.6} and prov.unhonoured(req) == ["top_p=0.95"]
     assert "sampling=temperature" in prov.cache_variant(req)
     assert prov.adapt(err, prov.wire_state(req), req) is None  # no second switch, no second warning
+    assert prov.unhonoured(Request(messages=req.messages, temperature=0.0)) == []  # top_p 1: nothing dropped
     pinned = build_provider(cfg.model_copy(update={"sampling": "temperature"}))
     assert pinned.sampling_params(req) == {"temperature": 0.6}
+
+
+async def test_unhonoured_top_p_is_counted_in_the_ledger(monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    bodies: list[dict] = []
+
+    def responder(kind, body):
+        bodies.append(body)
+        return "ok"
+
+    srv = FakeLLMServer(responder=responder).start()
+    try:
+        cfg = ProviderConfig(name="claude", kind="anthropic", model="claude-fake", base_url=srv.anthropic_base_url,
+                             sampling="temperature")
+        client = LLMClient([build_provider(cfg)], LocalGate(Gatekeeper([cfg])), cache=None, rng=random.Random(0))
+        for i in range(3):
+            await client.complete(Request(messages=[{"role": "user", "content": f"q{i}"}], temperature=0.6, top_p=0.95))
+        await client.complete(Request(messages=[{"role": "user", "content": "greedy"}], temperature=0.0))
+        ledger = client.ledger.to_dict()
+        await client.aclose()
+    finally:
+        srv.stop()
+    assert all("top_p" not in b for b in bodies) and bodies[0]["temperature"] == 0.6
+    assert ledger["providers"]["claude"]["unhonoured_sampling"] == 3
 
 
 def test_anthropic_batch_line_carries_sampling_in_params(monkeypatch):
