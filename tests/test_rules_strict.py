@@ -124,6 +124,10 @@ def test_garbage_seen_from_the_embedded_model_fails_strict_not_paper(evolved):
     ("information_loss", GSM, "How many clips did she sell?", None),
     ("information_loss", GSM, "Write a poem about the ocean at night, in the style of a sea shanty, with rhymes.",
      None),
+    ("not_a_request", GSM, "Natalia sold 48 clips to her friends in April and half as many clips in May, 72 in all.",
+     None),
+    ("not_a_request", "Suggest a movie suitable for a family with children aged seven and twelve.",
+     "The movie is a must for a family with children aged seven and twelve.", None),
     ("asks_back", GSM, GSM + " Show each step.", "Of course! Could you share the problem you would like me to solve?"),
     ("asks_back", GSM, GSM + " Show each step.", "Happy to help. What is the task, exactly?"),
     ("asks_back", GSM, GSM + " Show each step.", "I would need more information to answer this."),
@@ -246,7 +250,9 @@ def test_detector_set_is_what_the_generator_writes():
 
     real_rows(1)  # skips without ../shared/data
     lines = [json.loads(line) for line in DETECTOR_SET.read_text(encoding="utf-8").splitlines()]
-    assert lines == build(DATA)
+    assert [r for r in lines if r["origin"] == "fake_server"] == build(DATA)
+    embedded = [r for r in lines if r["origin"] == "embedded_model"]
+    assert len(embedded) == 18 and all(r["label"] == "failed" for r in embedded)
 
 
 async def test_strict_catches_every_labelled_failure_and_fails_no_ok_row():
@@ -261,6 +267,7 @@ async def test_strict_catches_every_labelled_failure_and_fails_no_ok_row():
     assert paper["fp"] == 0 and 0 < paper["recall"] < 1  # the paper rules miss what strict adds
     missed = {r["reason"] for r in paper["wrong"]}
     assert "degenerate: small-model garbage (issue 17, embedded model)" in missed
+    assert any(r["origin"] == "embedded_model" for r in paper["wrong"])  # real 135M output the paper rules keep
 
 
 # ---- make run says which rows failed and why --------------------------------------------------

@@ -38,6 +38,9 @@ garbage the paper rules let through (a small model "evolving" a GSM8K problem in
 * ``echoed_markers`` (instruction) - the method's ``#...#`` markers, its ``<<<...>>>`` delimiters,
   the slot or the stock phrases, matched loosely (any case, any spacing, ``#``/``<``/``>``/``*``
   dropped), or the bare ``<<<``/``>>>`` fences, that the original did not contain;
+* ``not_a_request`` (instruction) - the original asks for something (a ``?`` or one of
+  :data:`REQUEST_WORDS`) and the evolved instruction does not: a statement such as "The movie is
+  a must for a family ..." or a list of the problem's facts without its question;
 * ``asks_back`` (answer) - a short answer (under 80 words) that asks for the task, its details
   or its input, whatever its first word.
 """
@@ -236,6 +239,28 @@ def loose_markers(method: Method | None) -> list[str]:
     return [p for p in dict.fromkeys(phrases) if len(p.split()) >= 2]
 
 
+#: words that make a text a request (imperatives and question words); ``not_a_request`` needs one, or a "?"
+REQUEST_WORDS = frozenset(
+    """what how which who whom whose when where why whether calculate compute find determine solve explain
+    describe write list give name suggest create generate compare contrast identify provide show prove
+    estimate tell summarize summarise rewrite translate classify analyze analyse discuss evaluate design
+    develop propose recommend outline draft compose convert rank predict choose select decide make build
+    construct add remove edit correct fix complete fill paraphrase rephrase simplify expand elaborate
+    illustrate demonstrate justify argue state define derive plan brainstorm imagine invent count sort
+    order arrange organize organise categorize categorise detect extract insert replace change transform
+    format produce prepare develop implement code program debug optimize optimise test check verify assess
+    review critique rate score draw sketch map visualize visualise answer respond reply use apply consider
+    imagine pretend act assume let suppose please""".split())
+
+
+def _is_request(text: str) -> bool:
+    return "?" in text or any(w in REQUEST_WORDS for w in _words(text))
+
+
+def _not_a_request(case: Case) -> bool:
+    return _is_request(case.original) and not _is_request(case.evolved)
+
+
 _FENCE = re.compile(r"<<<|>>>")
 _SLOT_LOOSE = re.compile(r"\{\s*instruction\s*\}", re.IGNORECASE)
 
@@ -286,6 +311,9 @@ RULES.register(Rule("degenerate_instruction", "instruction",
 RULES.register(Rule("echoed_markers", "instruction",
                     "evolved instruction echoes the method's markers, delimiters or slot (any case, spacing or #)",
                     test=_echoed_markers))
+RULES.register(Rule("not_a_request", "instruction",
+                    "the original asks for something (a ? or a request word) and the evolved instruction does not",
+                    test=_not_a_request))
 RULES.register(Rule("asks_back", "answer",
                     f"answer under {ASK_BACK_MAX_WORDS} words asks for the task, its details or its input",
                     test=_asks_back))
@@ -294,8 +322,8 @@ RULES.register(Rule("asks_back", "answer",
 PAPER_RULES = ("understood_question", "sure_question", "please_provide", "sorry_short", "punctuation_only",
                "copied_method", "no_information_gain")
 #: the paper rules plus evoray's cheap checks (the default)
-STRICT_RULES = PAPER_RULES[:-1] + ("echoed_markers", "degenerate_instruction", "information_loss", "asks_back",
-                                   "no_information_gain")
+STRICT_RULES = PAPER_RULES[:-1] + ("echoed_markers", "degenerate_instruction", "information_loss", "not_a_request",
+                                   "asks_back", "no_information_gain")
 RULE_SETS = {"paper": PAPER_RULES, "strict": STRICT_RULES}
 DEFAULT_RULES = STRICT_RULES
 

@@ -10,11 +10,18 @@ the rule sets are meant to catch (truncation, an unchanged instruction, asking b
 
 The shared data must not be copied into the repository, so a line stores a *recipe*, not the
 texts: ``seed`` names the file and row index, and ``evolved`` / ``answer`` are templates whose
-``[[ORIGINAL]]`` (the seed instruction), ``[[ORIGINAL_HEAD]]`` (its first 30 % of words),
-``[[OUTPUT]]`` (the seed's own answer) and ``[[ANSWER]]`` (the fake server's answer to the
-evolved instruction) are filled in by :func:`load` from ``../shared/data``.
+``[[ORIGINAL]]`` (the seed instruction), ``[[ORIGINAL_SPACED]]`` (the same with its spacing
+collapsed), ``[[ORIGINAL_HEAD]]`` (its first 30 % of words), ``[[OUTPUT]]`` (the seed's own
+answer) and ``[[ANSWER]]`` (the fake server's answer to the evolved instruction) are filled in by
+:func:`load` from ``../shared/data``; an optional ``replace`` list of ``[old, new]`` pairs is then
+applied to the evolved instruction.
 
-``python -m evoray.testing.detector_set OUT.jsonl`` writes the set again (deterministic).
+``origin`` says where a line came from: ``fake_server`` lines are built by :func:`build`
+(``python -m evoray.testing.detector_set OUT.jsonl`` writes them again, deterministically, and
+keeps the file's other lines); ``embedded_model`` lines are what SmolLM2-135M (Q4_1, llama.cpp,
+1 thread, method ``initial``, ``evolve.json_output``, temperature 0, 160 tokens) returned for 14
+GSM8K and 14 Alpaca seeds drawn with ``random.Random(23)``, labelled by hand: the 18 that gave an
+instruction, every one a failure (10 seeds gave no final instruction and are not in the set).
 """
 
 from __future__ import annotations
@@ -96,7 +103,8 @@ def build(data_dir: str | Path) -> list[dict[str, Any]]:
         for j, (evolved, answer, reason, label) in enumerate(variants):
             out.append({"id": f"{Path(seed['file']).parent.name}-{seed['index']}-{j}",
                         "seed": {"file": seed["file"], "index": seed["index"]},
-                        "method": "initial", "evolved": evolved, "answer": answer, "label": label, "reason": reason})
+                        "method": "initial", "evolved": evolved, "answer": answer, "label": label, "reason": reason,
+                        "origin": "fake_server"})
     return out
 
 
@@ -114,20 +122,22 @@ def _seed(data_dir: Path, ref: dict[str, Any], cache: dict) -> tuple[str, str]:
 
 def load(path: str | Path, data_dir: str | Path) -> Iterator[dict[str, Any]]:
     """The set's evolutions with their texts filled in: ``{id, source, method, instruction, evolved,
-    answer, label, reason}``. Needs the seed files in ``data_dir``."""
+    answer, label, reason, origin}``. Needs the seed files in ``data_dir``."""
     data_dir, cache = Path(data_dir), {}
     with Path(path).open(encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
             original, output = _seed(data_dir, r["seed"], cache)
             words = original.split()
-            values = {"ORIGINAL": original, "ORIGINAL_HEAD": " ".join(words[: max(1, int(len(words) * 0.3))]),
-                      "OUTPUT": output, "ANSWER": ""}
+            values = {"ORIGINAL": original, "ORIGINAL_SPACED": " ".join(words),
+                      "ORIGINAL_HEAD": " ".join(words[: max(1, int(len(words) * 0.3))]), "OUTPUT": output, "ANSWER": ""}
             evolved = fill(r["evolved"], **values)
+            for old, new in r.get("replace") or []:
+                evolved = evolved.replace(old, new)
             values["ANSWER"] = answer_reply(evolved)
             yield {"id": r["id"], "source": r["seed"]["file"].split("/")[0], "method": r["method"],
                    "instruction": original, "evolved": evolved, "answer": fill(r["answer"], **values),
-                   "label": r["label"], "reason": r["reason"]}
+                   "label": r["label"], "reason": r["reason"], "origin": r.get("origin", "fake_server")}
 
 
 def equality_client():
@@ -167,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args[0] if args else "tests/data/detector_set.jsonl")
     data_dir = Path(args[1]) if len(args) > 1 else Path(__file__).resolve().parents[3] / "shared" / "data"
     rows = build(data_dir)
+    if out.exists():  # keep the recorded lines (the embedded model's)
+        rows += [r for r in map(json.loads, out.read_text(encoding="utf-8").splitlines())
+                 if r.get("origin", "fake_server") != "fake_server"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     print(f"{len(rows)} evolutions ({sum(r['label'] == 'failed' for r in rows)} failed) -> {out}")

@@ -267,14 +267,15 @@ def unchanged_rewrite_reply(instruction: str) -> str:
 
 
 def equality_reply(prompt: str) -> str:
-    """The no-information-gain check: Equal when the two fenced instructions are the same text
-    (spacing and case aside), else Not Equal."""
+    """The no-information-gain check: Equal when the second fenced instruction adds no word the
+    first lacks (the same text, a whitespace or case change, or a shortened copy), else Not Equal.
+    A stand-in for an LLM's judgement, not one: it cannot see a paraphrase that adds nothing."""
     first = re.search(r"<<<FIRST INSTRUCTION>>>\n(.*?)\n<<<END FIRST INSTRUCTION>>>", prompt, re.S | re.I)
     second = re.search(r"<<<SECOND INSTRUCTION>>>\n(.*?)\n<<<END SECOND INSTRUCTION>>>", prompt, re.S | re.I)
     if not first or not second:
         return "Not Equal"
-    same = " ".join(first.group(1).lower().split()) == " ".join(second.group(1).lower().split())
-    return "Equal" if same else "Not Equal"
+    words = lambda text: set(re.findall(r"\w+", text.lower()))  # noqa: E731
+    return "Equal" if words(second.group(1)) <= words(first.group(1)) else "Not Equal"
 
 
 def clarification_reply() -> str:
