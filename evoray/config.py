@@ -236,8 +236,8 @@ class EvolveConfig(Base):
         "strict",
         description="failure rules applied to evolutions: paper (exactly Auto Evol-Instruct's failure detector plus "
                     "Evol-Instruct's elimination rules, the LLM no-information-gain check included), strict (paper "
-                    "plus evoray's cheap checks: information loss, degenerate instruction, echoed markers, asking "
-                    "back), or a list of rule names (see the failure-rule table in README.md)",
+                    "plus evoray's cheap checks: information loss, degenerate instruction, echoed markers, not a "
+                    "request, asking back), or a list of rule names (see the failure-rule table in README.md)",
     )
     equality_check: bool | None = Field(
         None, description="the LLM Equal/Not-Equal no-information-gain check (Evol-Instruct's first elimination "
