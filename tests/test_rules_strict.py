@@ -284,3 +284,14 @@ def test_evolve_stage_lists_failed_rows_and_their_rules(tmp_path):
     assert lines[1] == "[evolve]   failed: seed seed1: rule degenerate_instruction; reached '{'"
     assert lines[3].startswith("[evolve]   ... and 9 more failed row(s)")
     assert failed_rows_lines(tmp_path / "none", "evolve") == []
+
+
+async def test_fake_server_evolutions_pass_strict_over_rounds():
+    """The fake server's rewrites add a new constraint each round, so multi-round runs through it
+    (the Ray tests, the benchmarks) gain information every round and pass the strict rules."""
+    prov = ScriptedProvider(responder=lambda r: default_reply(r.messages))
+    ev = Evolver(scripted_client(prov), M, EvolveConfig(rounds=3))
+    rows = [new_row(instruction=q, source="gsm8k") for q in real_rows(5)[:5]] + [new_row(instruction=GSM)]
+    out = await ev.evolve_rows(rows)
+    assert [r["status"] for r in out] == ["evolved"] * len(rows), [(r["rule"], r["reason"]) for r in out]
+    assert all(r["round"] == 3 for r in out)

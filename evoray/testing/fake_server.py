@@ -197,6 +197,10 @@ REWRITE_MARKERS = ("#instruction#", "rewritten instruction", "rewrite", "rewriti
                    "#the given prompt#", "rewritten prompt")
 REWRITE_FINAL_MARKER = "#Finally Rewritten Instruction#"
 ADDED_CONSTRAINT = "Additionally, justify each step of your answer and keep it under 200 words."
+#: constraints a rewrite appends, in order: round r of an evolution adds the r-th
+CONSTRAINTS = (ADDED_CONSTRAINT, "Also state one assumption you make and check the result against it.",
+               "Finally, give the answer in a table with one row per intermediate quantity.",
+               "Mention one common mistake a beginner could make here.")
 
 DEFAULT_SCORE = 4.5
 DEFAULT_EXPLANATION = "The response is accurate, relevant and complete; it follows the instruction closely."
@@ -250,8 +254,12 @@ def extract_instruction(text: str) -> str:
     return paragraphs[-1] if paragraphs else text.strip()
 
 
-def rewrite_reply(instruction: str, constraint: str = ADDED_CONSTRAINT) -> str:
-    """An Evol-Instruct rewrite whose last part is ``#Finally Rewritten Instruction#`` + the new text."""
+def rewrite_reply(instruction: str, constraint: str | None = None) -> str:
+    """An Evol-Instruct rewrite whose last part is ``#Finally Rewritten Instruction#`` + the new text:
+    the instruction with ``constraint`` appended, by default the first of :data:`CONSTRAINTS` it
+    does not hold yet (:data:`ADDED_CONSTRAINT` on a first round), so every round adds information."""
+    if constraint is None:
+        constraint = next((c for c in CONSTRAINTS if c not in instruction), ADDED_CONSTRAINT)
     evolved = f"{instruction.rstrip()} {constraint}".strip()
     return (
         "Step 1 #Methods List#:\n- Add a constraint on the form of the answer\n- Ask for justification\n"
