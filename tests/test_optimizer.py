@@ -263,11 +263,29 @@ async def test_history_written_after_every_step_and_kept_on_a_budget_stop(tmp_pa
     with pytest.raises(BudgetExceeded):
         await optimizer.run(seed_rows(20))
     assert [s["stopped"] for s in snapshots] == ["running", "stopped: budget reached"]
+    assert snapshots[0]["best_failure_rate"] == 0.3 and snapshots[0]["baseline_failure_rate"] == 0.5
     hist = json.loads((tmp_path / "history.json").read_text())
     assert hist["steps_run"] == 1 and hist["steps"][0]["improved"] and "ALPHA" in hist["best_method"]["text"]
     assert load_method(tmp_path / "best_method.txt").id == hist["best_method"]["id"]
     assert hist["evol_temperature"] == 0.0 and hist["optimizer_temperature"] == 0.6
     assert hist["optimizer_top_p"] == 0.95 and hist["rule_set"] == "strict" and "echoed_markers" in hist["rules"]
+
+
+async def test_a_stop_before_the_first_step_writes_null_rates(tmp_path):
+    from evoray.errors import BudgetExceeded
+    from evoray.evolution.optimizer import write_history
+
+    async def evaluate(methods, dev_rows):
+        raise BudgetExceeded("budget reached")
+
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=1, dev_size=5, steps=2)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)),
+                          scripted_client(ScriptedProvider(responder=opt_responder)), cfg, evaluate=evaluate,
+                          on_step=lambda res: write_history(res, tmp_path))
+    with pytest.raises(BudgetExceeded):
+        await optimizer.run(seed_rows(20))
+    hist = json.loads((tmp_path / "history.json").read_text())  # strict JSON: no NaN
+    assert hist["steps_run"] == 0 and hist["best_failure_rate"] is None and hist["stopped"] == "stopped: budget reached"
 
 
 async def test_all_unusable_proposals_are_said_and_retried_once(caplog):

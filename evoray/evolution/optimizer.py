@@ -231,11 +231,14 @@ class OptimizeResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        def rate(x: float) -> float | None:  # None before the first step measured anything
+            return None if x != x else x
+
         return {
             "initial_method": self.initial_method.to_dict(),
-            "baseline_failure_rate": self.baseline_failure_rate,
+            "baseline_failure_rate": rate(self.baseline_failure_rate),
             "best_method": self.best_method.to_dict(),
-            "best_failure_rate": self.best_failure_rate,
+            "best_failure_rate": rate(self.best_failure_rate),
             "stopped": self.stopped,
             "steps_run": len(self.history),
             "dev_size": len(self.dev_ids),
