@@ -1,6 +1,6 @@
 """Run every benchmark in one process under one local Ray and write BENCHMARKS.md.
 
-``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs b1-b9 and bk, B5's 1,000,000 rows once;
+``python bench/run_all.py [b1 b2 ...]`` (``make bench`` runs DEFAULT, B5's 1,000,000 rows once;
 ``make bench-full`` runs ``b5full``, B5 with three 1,000,000-row runs for their median). Each run merges its
 entries into ``bench/results.json``, and BENCHMARKS.md shows the latest run of every entry.
 ``BENCH_QUICK=1`` shrinks sizes and repetitions (the smoke test) and writes
@@ -37,9 +37,11 @@ BENCHES = {
     "bk": ("bk_gate_killed", "BK gate killed mid-run"),
     "b8": ("b8_export", "B8 export of a stage table (Alpaca JSON, OpenAI JSONL, HF dataset)"),
     "b9": ("b9_batch_cost", "B9 cost of rating online vs in batch mode"),
+    "b10": ("b10_detector", "B10 failure detector: paper vs strict rules on a labelled set"),
     "b5full": ("b5_memory", "B5 memory at scale, three large runs", "run_full"),
 }
-DEFAULT = ["b1", "b1x", "b1a", "b2", "b3", "b4", "b5", "b6", "b7", "bk", "b8", "b9"]  # `make bench`; b5full is `make bench-full`
+DEFAULT = ["b1", "b1x", "b1a", "b2", "b3", "b4", "b5", "b6", "b7", "bk", "b8", "b9", "b10"]  # `make bench`; b5full is `make bench-full`
+NO_RAY = {"b8", "b10"}  # entries that run without Ray: a run of only these starts none
 RESULTS = ROOT / "bench" / "results.json"  # every entry's latest full-size run, merged across invocations
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept by run_all.py -->", "<!-- /notes -->"
 
@@ -58,7 +60,8 @@ def main(argv: list[str]) -> int:
                   if k.startswith("BENCH_") and k != "BENCH_WORK" and os.environ.get(k)) + "python bench/run_all.py"
     cmd += "" if chosen == DEFAULT else " " + " ".join(chosen)
     t_all = time.perf_counter()
-    common.init_ray()
+    if set(chosen) - NO_RAY:
+        common.init_ray()
     results: dict[str, dict] = {}
     try:
         for key in chosen:
@@ -109,6 +112,7 @@ def render(runs: list[dict], results: dict[str, dict], md_path: Path) -> str:
         if NOTES_BEGIN in old and NOTES_END in old:
             notes = old.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0].strip("\n")
     m0 = runs[-1]["machine"]
+    machines = {(r["machine"]["nproc"], r["machine"]["cpu"]) for r in runs}
     lines = [
         "# Benchmarks",
         "",
@@ -117,11 +121,14 @@ def render(runs: list[dict], results: dict[str, dict], md_path: Path) -> str:
         "(`evoray.testing.fake_server`) on 127.0.0.1, run in its own process; the Ray benchmarks share one local",
         "Ray started by the script. The figures of each entry come from its latest run (`bench/results.json`).",
         "",
-        f"- machine: {m0['nproc']} CPUs ({m0['cpu']}), {m0['mem_gib']} GiB RAM, Python {m0['python']}",
+        f"- machine: {m0['nproc']} CPUs ({m0['cpu']}), {m0['mem_gib']} GiB RAM, Python {m0['python']}"
+        if len(machines) == 1 else "- machines: the runs below ran on different machines (named in each run's line)",
     ]
     for r in runs:
-        lines.append(f"- run {r['started'][:16].replace('T', ' ')}: `{r['command']}`, {r['total_s'] / 60:.1f} min in all, "
-                     f"load average (1/5/15 min) {_load(r['machine']['load'])} at start, {_load(r['load_end'])} at end")
+        where = f" on {r['machine']['nproc']} CPUs ({r['machine']['cpu']})" if len(machines) > 1 else ""
+        lines.append(f"- run {r['started'][:16].replace('T', ' ')}: `{r['command']}`{where}, {r['total_s'] / 60:.1f} min "
+                     f"in all, load average (1/5/15 min) {_load(r['machine']['load'])} at start, {_load(r['load_end'])} "
+                     "at end")
     lines += ["", "| | figure | value | goal | result | runs |", "|---|---|---|---|---|---|"]
     order = [k for k in BENCHES if k in results]
     for key in order:

@@ -550,7 +550,7 @@ class BatchClient:
                     comp.provider, comp.model = name, prov.model
                     comp.attempts, comp.latency_s = p.rounds + 1, elapsed
                     job.ledger.success(name, prov.model, comp.input_tokens, comp.output_tokens,
-                                       retry=p.rounds > 0, batch=True)
+                                       retry=p.rounds > 0, batch=True, unhonoured=bool(prov.unhonoured(p.request)))
                     if job.cache is not None:
                         job.cache.put(key, comp)
                     self.memo[key] = comp

@@ -219,7 +219,9 @@ class LLMClient:
                 if grant is not None:
                     await self.gate.release(grant, name, ok=True, used_tokens=comp.input_tokens + comp.output_tokens,
                                             limits=comp.limits)
-                self.ledger.success(name, prov.model, comp.input_tokens, comp.output_tokens, retry=attempt > 1)
+                unhonoured = bool(prov.unhonoured(request))
+                self.ledger.success(name, prov.model, comp.input_tokens, comp.output_tokens, retry=attempt > 1,
+                                    unhonoured=unhonoured)
                 self.health[name].record(None)
                 if self.cache is not None:
                     self.cache.put(self._key(prov, request), comp)

@@ -103,6 +103,12 @@ class ProviderConfig(Base):
     send_seed: Literal["auto", "send", "omit"] = Field(
         "auto", description="kind openai: send a request's seed; auto sends it and omits it for the rest of the job "
                             "when the server rejects the field")
+    sampling: Literal["auto", "temperature_top_p", "temperature"] = Field(
+        "auto",
+        description="kind anthropic: which sampling fields are sent; temperature_top_p sends both (top_p only when "
+                    "below 1), temperature sends temperature only (some Claude models accept only one of the two); "
+                    "auto starts with both and drops top_p for the rest of the job when the API rejects the pair, "
+                    "recording top_p as an unhonoured setting (one warning per job)")
     cache_namespace: str | None = Field(
         None,
         description="the answers' source in the cache key, instead of base_url: give two entries the same "
@@ -250,11 +256,25 @@ class EvolveConfig(Base):
     method: str = Field("initial", description="built-in method name or a file with the method text")
     rounds: int = Field(1, ge=1, description="rounds of evolution")
     answer: bool = Field(True, description="let the evol LLM answer each evolved instruction")
-    rules: list[str] = Field(
-        default_factory=lambda: ["understood_question", "sure_question", "please_provide", "copied_method", "sorry_short", "punctuation_only"],
-        description="failure rules applied to evolutions (see evoray.evolution.rules)",
+    rules: Literal["paper", "strict"] | list[str] = Field(
+        "strict",
+        description="failure rules applied to evolutions: paper (exactly Auto Evol-Instruct's failure detector plus "
+                    "Evol-Instruct's elimination rules, the LLM no-information-gain check included), strict (paper "
+                    "plus evoray's cheap checks: information loss, degenerate instruction, echoed markers, not a "
+                    "request, asking back), or a list of rule names (see the failure-rule table in README.md)",
     )
-    equality_check: bool = Field(False, description="also run the LLM Equal/Not-Equal information-gain check")
+    equality_check: bool | None = Field(
+        None, description="the LLM Equal/Not-Equal no-information-gain check (Evol-Instruct's first elimination "
+                          "rule, one extra evol-LLM call per evolution): null = as the rule set says (on for paper "
+                          "and strict, on for a list that names no_information_gain), true adds it, false drops it")
+    temperature: float = Field(
+        0.0, ge=0, le=2,
+        description="sampling temperature of evolution requests; 0 because Auto Evol-Instruct runs its evol LLM at "
+                    "temperature 0 (Zeng et al. 2024, experimental setup)")
+    answer_temperature: float = Field(
+        0.0, ge=0, le=2,
+        description="sampling temperature of the evol LLM's answers to evolved instructions (what the answer rules "
+                    "read) and of the no-information-gain check; 0, the evol LLM's temperature in Auto Evol-Instruct")
     json_output: bool = Field(
         False, description="ask for the final instruction as a JSON object {final_instruction} (schema-constrained where "
                            "the provider supports it); helps small local models, which often never reach the final marker")
@@ -270,8 +290,12 @@ class OptimizeConfig(Base):
     dev_size: int = Field(50, ge=1, description="dev set that scores each candidate")
     steps: int = Field(10, ge=1, description="most optimization steps")
     patience: int = Field(1, ge=1, description="stop after this many steps without a lower failure rate")
-    temperature: float = Field(0.6, ge=0, le=2, description="optimizer sampling temperature")
-    top_p: float = Field(0.95, gt=0, le=1, description="optimizer nucleus sampling")
+    temperature: float = Field(
+        0.6, ge=0, le=2, description="optimizer LLM sampling temperature; 0.6 as in Auto Evol-Instruct (Zeng et al. "
+                                     "2024, experimental setup)")
+    top_p: float = Field(
+        0.95, gt=0, le=1, description="optimizer LLM nucleus sampling; 0.95 as in Auto Evol-Instruct (Zeng et al. "
+                                      "2024, experimental setup)")
     seed: int = Field(0, description="seed of the samples")
     max_tokens: int = Field(1024, ge=16, description="max tokens of an optimizer reply")
     json_output: bool = Field(
@@ -295,7 +319,9 @@ class JudgeConfig(Base):
 
 class AnswerConfig(Base):
     max_tokens: int = Field(512, ge=8, description="max tokens of an answer")
-    temperature: float = Field(0.0, ge=0, le=2, description="answer sampling temperature")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="answer sampling temperature; 0 (greedy), as the evol LLM answers in Auto "
+                                     "Evol-Instruct and as AlpaGasus's rating and judging requests run")
     mode: Literal["online", "batch"] | None = Field(
         None, description="online (the Ray pool) or batch (the providers' batch APIs, half price, answers within 24 h); "
                           "null = batch when every provider of the stage's role has mode batch, else online")

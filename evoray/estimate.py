@@ -30,13 +30,16 @@ Output tokens
 Requests per stage (``n`` = rows entering the stage)
     * rate: ``n`` (parse retries are assumed not to happen: a lower bound if replies do not parse);
     * evolve: ``n * rounds`` evolutions, plus ``n`` answers when ``evolve.answer``, plus
-      ``n * rounds`` equality checks when ``evolve.equality_check``;
+      ``n * rounds`` equality checks when the rules include ``no_information_gain`` (the
+      ``paper`` and ``strict`` sets do, unless ``evolve.equality_check`` is false);
     * answer: ``n``;
     * optimize (an upper bound: every one of ``steps`` steps runs, patience never stops early):
       per step ``batch * trajectory_length`` evolutions (and as many answers when
       ``evolve.answer``), ``2 * candidates`` optimizer calls (analysis + optimization) and
-      ``candidates * dev * 2`` dev-set calls (evolve + answer); plus ``dev * 2`` once for the
-      baseline. ``batch`` and ``dev`` are capped by the rows sampled, as the optimizer does;
+      ``(candidates + 1) * dev * 2`` dev-set calls (evolve + answer; the current method is measured
+      again every step), and an equality check per evolution when the rules include it. A step
+      whose proposals all fail asks once more (not counted). ``batch`` and ``dev`` are capped by
+      the rows sampled, as the optimizer does;
     * judge: ``2 * pairs`` (both orders), pairs matched from ``judge.answers_a`` / ``answers_b``.
 
     A stage that consumes an earlier pipeline stage's output uses that stage's row count (every
@@ -308,6 +311,13 @@ def _read_rows(paths: str | Sequence[str], config: JobConfig, fmt: str | None = 
     return _Rows(n, sample)
 
 
+def _uses_equality(evolve_config) -> bool:
+    """The evolve rules include the LLM no-information-gain check (one call per evolution)."""
+    from .evolution.evolver import rules_from_config
+
+    return any(r.name == "no_information_gain" for r in rules_from_config(evolve_config))
+
+
 def _mean(values: Iterable[int]) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else 0.0
@@ -379,7 +389,7 @@ class _Builder:
         self.call(st, "evolution", "evol", rows.count * c.rounds, per_evolve, _out(c.max_tokens))
         if c.rounds > 1:
             st.notes.append("rounds after the first are counted with the first round's prompt size")
-        if c.equality_check:
+        if _uses_equality(c):
             per_eq = _mean(cnt.messages(equality_messages(r["instruction"], evolved)) for r in rows.sample)
             self.call(st, "equality check", "evol", rows.count * c.rounds, per_eq, 8 * OUTPUT_FRACTION)
         if c.answer:
@@ -430,9 +440,14 @@ class _Builder:
         per_optimization = opt_cnt.messages(optimization_messages(method.text, feedback))
         self.call(st, "analysis", "optimizer", c.steps * c.candidates, per_analysis, _out(c.max_tokens))
         self.call(st, "optimization", "optimizer", c.steps * c.candidates, per_optimization, _out(c.max_tokens))
-        dev_evals = c.steps * c.candidates * dev + dev  # + the baseline once
+        dev_evals = c.steps * (c.candidates + 1) * dev  # the current method is measured again every step
         self.call(st, "dev evolution", "evol", dev_evals, per_evolve, out_evolve)
         self.call(st, "dev answer", "evol", dev_evals, per_answer, out_answer)
+        if _uses_equality(ev):
+            from .prompts.evolution import equality_messages
+
+            per_eq = _mean(evol_cnt.messages(equality_messages(r["instruction"], evolved)) for r in rows.sample)
+            self.call(st, "equality check", "evol", traj_evolutions + dev_evals, per_eq, 8 * OUTPUT_FRACTION)
         st.notes.append(f"upper bound: all {c.steps} steps run (patience may stop earlier); "
                         f"dev set {dev}, mini-batch {batch}")
 

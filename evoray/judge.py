@@ -15,15 +15,19 @@ lose       tie         Lose    (either order)
 lose       lose        Lose
 =========  ==========  =======
 
-Winning score = (#Win - #Lose) / N + 1, from 0 (A always loses) to 2 (A always wins).
+Winning score = (#Win - #Lose) / N + 1, from 0 (A always loses) to 2 (A always wins), where N is
+the size of the test set as in AlpaGasus (every prompt of the set, judged or not): a failed
+judgment counts in N as neither a Win nor a Lose, so it pulls the score towards 1 like a Tie. The
+summary gives this paper score as ``winning_score`` and, beside it, ``winning_score_judged_only``
+with N = the judged prompts (Win + Tie + Lose), which leaves failed judgments out.
 
 A reply whose two scores cannot be read is asked again (``parse_retries`` times), each time
 differently: the second ask is the JSON fallback (the verdict as a schema-constrained JSON object)
 when the first was a text ask and the provider takes a schema, later asks a repair turn that quotes
 the reply and says what was wrong. After that the judgment's result is ``failed`` with its reason
 (``unparseable reply``, or ``scores out of range: ...`` when numbers were there but not on 1-10)
-and the raw replies - never a guessed result. Failed judgments are counted separately and are not
-part of N. ``judge.json_output`` asks for the JSON object from the first ask.
+and the raw replies - never a guessed result. Failed judgments are counted separately (``failed``);
+they are part of the paper score's N and not of the judged-only score's. ``judge.json_output`` asks for the JSON object from the first ask.
 
 What :func:`parse_pair` accepts on the reply's start (and nothing else):
 
@@ -354,11 +358,20 @@ def _empty() -> dict[str, Any]:
                          "order2": {o: 0 for o in (*OUTCOMES, "failed")}}}
 
 
+#: what the two scores of a summary are (written beside them in summary.json)
+SCORE_LABELS = {
+    "winning_score": "paper (AlpaGasus): (Win - Lose) / test-set size + 1; the size counts every prompt, a failed "
+                     "judgment as neither Win nor Lose",
+    "winning_score_judged_only": "(Win - Lose) / judged prompts + 1; failed judgments left out",
+}
+
+
 def _finish(c: dict[str, Any]) -> dict[str, Any]:
     n = c["win"] + c["tie"] + c["lose"]
     c["n"] = n
     c["total"] = n + c["failed"]
-    c["winning_score"] = winning_score(c["win"], c["lose"], n)
+    c["winning_score"] = winning_score(c["win"], c["lose"], c["total"])
+    c["winning_score_judged_only"] = winning_score(c["win"], c["lose"], n)
     return c
 
 
@@ -366,7 +379,9 @@ def summarize(judgments: Iterable[dict[str, Any]], test_sets: Sequence[str] | No
     """Win / Tie / Lose / failed counts and the winning score per test set and overall.
 
     ``n`` = Win + Tie + Lose (judged prompts); ``failed`` is counted apart and ``total`` = n +
-    failed. ``by_order`` counts A's outcome in each order (a failed order counts as failed there),
+    failed (the test-set size). ``winning_score`` is the paper's, over ``total``;
+    ``winning_score_judged_only`` is over ``n`` (see the module and :data:`SCORE_LABELS`, which the
+    summary carries as ``score_labels``). ``by_order`` counts A's outcome in each order (a failed order counts as failed there),
     which shows position bias. ``test_sets`` fixes the order of the per-set entries (listed sets
     appear even when empty); other sets follow in order of first appearance.
     """
@@ -382,10 +397,11 @@ def summarize(judgments: Iterable[dict[str, Any]], test_sets: Sequence[str] | No
             for order in ("order1", "order2"):
                 o = j.get(f"outcome{order[-1]}")
                 target["by_order"][order][o if o in OUTCOMES else "failed"] += 1
-    return {"test_sets": {k: _finish(v) for k, v in per.items()}, "overall": _finish(overall)}
+    return {"test_sets": {k: _finish(v) for k, v in per.items()}, "overall": _finish(overall),
+            "score_labels": dict(SCORE_LABELS)}
 
 
 __all__ = [
-    "JUDGMENT_FIELDS", "JUDGMENT_SCHEMA", "Judge", "OUTCOMES", "RESULTS", "combine", "outcome", "pair_answers",
+    "JUDGMENT_FIELDS", "JUDGMENT_SCHEMA", "Judge", "OUTCOMES", "RESULTS", "SCORE_LABELS", "combine", "outcome", "pair_answers",
     "parse_pair", "summarize", "name_test_set", "winning_score",
 ]

@@ -27,6 +27,7 @@ class ProviderTally:
     dollars: float = 0.0
     model: str = ""
     batch_requests: int = 0  # lines answered through a provider's batch API (priced at its batch rate)
+    unhonoured_sampling: int = 0  # answered without a sampling setting the request asked for (Anthropic top_p)
 
     def minus(self, other: "ProviderTally") -> "ProviderTally":
         """``self - other`` field by field (the model kept): what a cumulative tally added since ``other``."""
@@ -64,8 +65,9 @@ class Ledger:
         return (input_tokens * pin + output_tokens * pout) / 1e6
 
     def success(self, provider: str, model: str, input_tokens: int, output_tokens: int, retry: bool,
-                batch: bool = False) -> None:
+                batch: bool = False, unhonoured: bool = False) -> None:
         t = self._t(provider, model)
+        t.unhonoured_sampling += int(unhonoured)
         t.requests += 1
         t.succeeded += 1
         t.retries += int(retry)
@@ -140,5 +142,7 @@ class Ledger:
                 f"  {name:<12} {t.model[:28]:<28} requests {t.requests:>7}  cache hits {t.cache_hits:>7}  "
                 f"retries {t.retries:>5}  429s {t.rate_limited:>5}  tokens {t.input_tokens:>9}+{t.output_tokens:<9} ${t.dollars:.4f}"
                 + (f"  ({t.batch_requests} batched)" if t.batch_requests else "")
+                + (f"  ({t.unhonoured_sampling} without a requested sampling setting, e.g. top_p)"
+                   if t.unhonoured_sampling else "")
             )
         return lines

@@ -519,12 +519,14 @@ def _section_judge(ctx: _Ctx) -> str:
     groups = list((summary.get("test_sets") or {}).items())
     if "overall" in summary:
         groups.append(("overall", summary["overall"]))
-    rows = [(name, g.get("win", 0), g.get("tie", 0), g.get("lose", 0), g.get("failed", 0), g.get("n", 0),
-             g.get("winning_score")) for name, g in groups]
+    rows = [(name, g.get("win", 0), g.get("tie", 0), g.get("lose", 0), g.get("failed", 0),
+             g.get("total", g.get("n", 0)), g.get("winning_score"), g.get("winning_score_judged_only"))
+            for name, g in groups]
     parts = ["<p>Model A against model B; each prompt judged in both orders. "
-             "Winning score = (Win - Lose) / N + 1 (above 1: A is better).</p>",
-             _table(("test set", "Win", "Tie", "Lose", "failed", "N", "winning score"), rows,
-                    numeric=(1, 2, 3, 4, 5, 6))]
+             "Winning score (paper) = (Win - Lose) / test-set size + 1, a failed judgment counting as neither Win "
+             "nor Lose; judged-only = (Win - Lose) / judged prompts + 1 (above 1: A is better).</p>",
+             _table(("test set", "Win", "Tie", "Lose", "failed", "size", "winning score (paper)", "judged only"),
+                    rows, numeric=(1, 2, 3, 4, 5, 6, 7))]
     from .plots import wtl_bar_chart
 
     png = ctx.chart(d, "wtl.png", lambda p: wtl_bar_chart(summary, p))

@@ -308,8 +308,37 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
     mpath = write_evolve_measures(input_path, outdir / f"evolved.{fmt}", outdir)
     rounds = json.loads(mpath.read_text())["rounds"]
     _say(ctx, f"[evolve] evolved {counts.get('evolved', 0)}, failed {counts.get('failed', 0)} of {counts['input']} "
-              f"with method {method.name} ({method.id}){_measures_note(rounds)} -> {outdir}")
+              f"with method {method.name} ({method.id}), rules {_rules_label(cfg)}{_measures_note(rounds)} -> {outdir}")
+    for line in failed_rows_lines(outdir, "evolve"):
+        _say(ctx, line)
     return _finish(ctx, "evolve", outdir, fp, counts, {"evolved": str(outdir / f"evolved.{fmt}")})
+
+
+def _rules_label(cfg: JobConfig) -> str:
+    rules = cfg.evolve.rules
+    return rules if isinstance(rules, str) else "[" + ", ".join(rules) + "]"
+
+
+#: failed rows the evolve stage lists one by one (the rest are counted)
+SHOW_FAILED = 10
+
+
+def failed_rows_lines(outdir: Path, stage: str, limit: int = SHOW_FAILED) -> list[str]:
+    """One line per failed row (its seed, the rule that fired or the reason, the text it reached),
+    at most ``limit``, then how many more there are in the failed table."""
+    path = find_table(outdir, "failed")
+    if path is None:
+        return []
+    rows = read_table(path).to_pylist()
+    lines = []
+    for r in rows[:limit]:
+        text = " ".join(str(r.get("instruction") or "").split())
+        text = text if len(text) <= 70 else text[:67] + "..."
+        why = f"rule {r['rule']}" if r.get("rule") else (r.get("reason") or "?")
+        lines.append(f"[{stage}]   failed: seed {r.get('parent_id') or r.get('id')}: {why}; reached {text!r}")
+    if len(rows) > limit:
+        lines.append(f"[{stage}]   ... and {len(rows) - limit} more failed row(s) in {path}")
+    return lines
 
 
 def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
@@ -397,7 +426,8 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     counts["failure_reasons"] = reasons
     ov = summary.get("overall", {})
     _say(ctx, f"[judge] Win {ov.get('win')} / Tie {ov.get('tie')} / Lose {ov.get('lose')} (failed {ov.get('failed')}), "
-              f"winning score {ov.get('winning_score')} -> {outdir}")
+              f"winning score {ov.get('winning_score')} (paper: over the test-set size; judged only "
+              f"{ov.get('winning_score_judged_only')}) -> {outdir}")
     return _finish(ctx, "judge", outdir, fp, counts, {"judgments": str(outdir / f"judgments.{fmt}")})
 
 
@@ -407,7 +437,7 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
     from actors.candidates import CandidatePool
     from actors.pools import worker_context
     from .evolution.methods import load_method
-    from .evolution.optimizer import Optimizer, write_outputs
+    from .evolution.optimizer import Optimizer, write_history, write_outputs
 
     cfg = ctx.config
     initial = load_method(cfg.evolve.method)
@@ -423,8 +453,10 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
 
     async def go():
         _, clients = worker_context(session._config_json, session.job_id, ["evol", "optimizer"])
+        # history.json after every step: a crash or a budget stop keeps the steps done
         opt = Optimizer(clients["evol"], clients["optimizer"], cfg.optimize, cfg.evolve, evaluate=pool.evaluate,
-                        initial_method=initial)
+                        initial_method=initial,
+                        on_step=lambda res: write_history(res, outdir, {"candidate_nodes": sorted(pool.nodes)}))
         try:
             return await opt.run(rows)
         finally:
@@ -435,10 +467,7 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
         result = asyncio.run(go())
     finally:
         pool.close()
-    paths = write_outputs(result, outdir)
-    hist = json.loads(Path(paths["history"]).read_text())
-    hist["candidate_nodes"] = sorted(pool.nodes)
-    Path(paths["history"]).write_text(json.dumps(hist, indent=2) + "\n")
+    paths = write_outputs(result, outdir, {"candidate_nodes": sorted(pool.nodes)})
     counts = {"input": count_rows(input_path), "sampled": len(rows), "steps": len(result.history),
               "best_method_id": result.best_method.id, "best_failure_rate": result.best_failure_rate,
               "initial_failure_rate": result.baseline_failure_rate}

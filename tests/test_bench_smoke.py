@@ -34,6 +34,7 @@ EXPECTED = {
     "B8": ["alpaca wall time", "openai peak RSS", "hf peak RSS"],
     "B9": ["online cost of rating", "batch cost of rating", "batch cost / online cost",
            "rows with the same outcome online and in batch"],
+    "B10": ["paper precision", "paper recall", "strict precision", "strict recall"],
 }
 
 

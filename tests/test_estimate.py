@@ -60,10 +60,11 @@ def test_every_stage_has_requests_tokens_and_dollars(tmp_path, no_network):
     by = {e.stage: e for e in res}
     assert by["rate"].requests == 12
     assert by["answer"].requests == 12
-    assert by["evolve"].requests == 12 * 2  # 1 round + answers
+    assert by["evolve"].requests == 12 * 3  # 1 round + the equality check (strict rules) + answers
     assert by["judge"].requests == 2 * 12
-    # optimize: steps * (batch*l evolutions + batch*l answers + 2m optimizer calls + m*dev*2) + dev*2
-    assert by["optimize"].requests == 2 * (3 * 2 * 2 + 2 * 2 + 2 * 4 * 2) + 4 * 2
+    # optimize: steps * (batch*l evolutions + batch*l answers + 2m optimizer calls + (m+1)*dev*2), the current
+    # method measured again every step, plus an equality check per evolution (batch*l + (m+1)*dev per step)
+    assert by["optimize"].requests == 2 * (3 * 2 * 2 + 2 * 2 + 3 * 4 * 2) + 2 * (3 * 2 + 3 * 4)
     text = est.format_estimate(res)
     for stage in ("optimize", "evolve", "answer", "rate", "judge", "total"):
         assert stage in text

@@ -11,7 +11,7 @@ from evoray.errors import BudgetExceeded, ConfigError, ParseError, ProviderError
 from evoray.evolution import BUILTINS, RULES, Evolver, Method, acheck, check, extract_instruction, load_method, render
 from evoray.evolution.extract import extract_method
 from evoray.evolution.methods import APPENDED_SLOT, ensure_slot, method_id
-from evoray.evolution.rules import NO_FINAL_INSTRUCTION, Rule
+from evoray.evolution.rules import NO_FINAL_INSTRUCTION, PAPER_RULES, Rule
 from evoray.prompts.evolution import BEGIN_INSTRUCTION, END_INSTRUCTION, FINAL_MARKER, SLOT
 from evoray.schema import new_row
 from evoray.testing.scripted import ScriptedProvider, scripted_client
@@ -242,7 +242,7 @@ def test_check_order_and_answer_rules_skipped_without_answer():
     ans = "Sure, could you please provide more details?"
     assert check(["please_provide", "sure_question"], "a", "b", ans, M) == "please_provide"
     assert check(["sure_question", "please_provide"], "a", "b", ans, M) == "sure_question"
-    assert check(list(RULES), "a", "b", None, M) is None
+    assert check(list(PAPER_RULES), "a", "b", None, M) is None
     assert check([], "a", "b", ans, M) is None
 
 
@@ -272,7 +272,7 @@ async def test_no_information_gain_llm_rule():
 
 async def test_evolve_row_two_rounds_lineage_and_answer():
     prov = ScriptedProvider(responder=responder)
-    ev = Evolver(scripted_client(prov), BUILTINS["initial"], EvolveConfig(rounds=2))
+    ev = Evolver(scripted_client(prov), BUILTINS["initial"], EvolveConfig(rounds=2, equality_check=False))
     seed = alpaca_row()
     out = await ev.evolve_row(seed)
     assert out["status"] == "evolved" and out["rule"] is None
@@ -301,7 +301,7 @@ async def test_evolve_row_gsm8k_keeps_source_and_meta():
 
 async def test_evolve_row_extraction_failure_keeps_last_instruction():
     prov = ScriptedProvider().enqueue(well_formed("Give three tips for staying healthy."), "I refuse to rewrite this.")
-    ev = Evolver(scripted_client(prov), BUILTINS["initial"], EvolveConfig(rounds=3))
+    ev = Evolver(scripted_client(prov), BUILTINS["initial"], EvolveConfig(rounds=3, equality_check=False))
     out = await ev.evolve_row(alpaca_row())
     assert out["status"] == "failed" and out["rule"] == NO_FINAL_INSTRUCTION
     assert out["instruction"] == "Give three tips for staying healthy. Explain each step."
@@ -311,7 +311,8 @@ async def test_evolve_row_extraction_failure_keeps_last_instruction():
 
 async def test_evolve_row_answer_rule_fails_row():
     prov = ScriptedProvider().enqueue(well_formed("Give tips."), "Sure, could you please provide more details?")
-    out = await Evolver(scripted_client(prov), BUILTINS["initial"], EvolveConfig()).evolve_row(alpaca_row())
+    out = await Evolver(scripted_client(prov), BUILTINS["initial"],
+                        EvolveConfig(equality_check=False)).evolve_row(alpaca_row())
     assert out["status"] == "failed" and out["rule"] == "sure_question"
     assert out["instruction"] == "Give tips. Explain each step." and out["output"].startswith("Sure")
 
@@ -368,7 +369,7 @@ async def test_evolve_trajectory_reports_every_step():
     def resp(request):
         return well_formed(instruction_of(request)) if is_evolution(request) else next(answers)
     steps = await Evolver(scripted_client(ScriptedProvider(responder=resp)), BUILTINS["initial"],
-                          EvolveConfig()).evolve_trajectory(alpaca_row(), 3)
+                          EvolveConfig(equality_check=False)).evolve_trajectory(alpaca_row(), 3)
     assert [s["round"] for s in steps] == [1, 2, 3]
     assert [s["failed"] for s in steps] == [None, "sure_question", None]
     assert steps[1]["instruction"] == steps[0]["evolved"] and steps[2]["instruction"] == steps[1]["evolved"]

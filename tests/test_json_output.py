@@ -44,7 +44,8 @@ def test_empty_json_field_is_a_failed_row():
 def test_optimizer_json_proposals_keep_the_slot():
     def respond(r):
         if r.json_schema == METHOD_SCHEMA:
-            return json.dumps({"method": "Rewrite the instruction so it needs two more reasoning steps."})
+            return json.dumps({"method": "Step 1: Rewrite the instruction so it needs two more reasoning steps.\n"
+                                         "Step 2: Write the #Finally Rewritten Instruction#."})
         return "Feedback: case 1 failed because the rewrite asked a question back."
 
     prov = ScriptedProvider(responder=respond)
@@ -53,3 +54,15 @@ def test_optimizer_json_proposals_keep_the_slot():
     assert all(p.method is not None and SLOT in p.method.text for p in props)
     assert len({p.method.id for p in props}) == 1  # same text -> same id; the sample indexes differ
     assert sorted(r.sample_index for r in prov.history if r.json_schema) == [0, 1]
+
+
+def test_optimizer_json_proposal_that_is_not_a_method_is_rejected():
+    def respond(r):
+        if r.json_schema == METHOD_SCHEMA:
+            return json.dumps({"method": "Rewrite the instruction so it needs two more reasoning steps."})
+        return "Feedback."
+
+    props = asyncio.run(propose_candidates(scripted_client(ScriptedProvider(responder=respond)), load_method("initial"),
+                                           [], 1, 0.6, 0.95, json_output=True))
+    assert props[0].method is None and props[0].error == "rejected: no final rewritten-instruction marker"
+    assert SLOT in props[0].text

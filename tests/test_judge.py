@@ -218,10 +218,17 @@ def test_judge_batch_and_summary_add_up(tmp_path):
     expected = [("Win" if i % 2 == 0 else "Tie" if i % 3 == 0 else "Lose") for i in range(80) if i % 5 != 4]
     assert (v["win"], v["tie"], v["lose"], v["failed"]) == (
         expected.count("Win"), expected.count("Tie"), expected.count("Lose"), 16)
-    assert v["winning_score"] == pytest.approx((v["win"] - v["lose"]) / v["n"] + 1)
+    # the paper's score divides by the test-set size (failed judgments count as neither Win nor Lose),
+    # the judged-only score by the judged prompts; both are labelled in the summary
+    assert v["winning_score"] == pytest.approx((v["win"] - v["lose"]) / 80 + 1)
+    assert v["winning_score_judged_only"] == pytest.approx((v["win"] - v["lose"]) / v["n"] + 1)
+    assert v["winning_score"] != v["winning_score_judged_only"]
+    assert "test-set size" in s["score_labels"]["winning_score"]
+    assert "left out" in s["score_labels"]["winning_score_judged_only"]
     o = s["overall"]
     assert o["total"] == 100 and o["win"] == v["win"] + s["test_sets"]["koala"]["win"]
     assert s["test_sets"]["wizardlm"]["n"] == 0 and s["test_sets"]["wizardlm"]["winning_score"] is None
+    assert s["test_sets"]["wizardlm"]["winning_score_judged_only"] is None
     p = wtl_bar_chart(s, tmp_path / "wtl.png")
     assert p.stat().st_size > 1000
 

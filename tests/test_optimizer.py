@@ -23,8 +23,8 @@ GOOD_ANSWER = "The answer is 42, because six times seven is forty-two."
 
 
 def candidate_text(word: str) -> str:
-    return (f"Rewrite the instruction to be harder; work the word {word} into it.\n"
-            f"#Instruction#:\n{SLOT}\nThen write {FINAL_MARKER} and the result.\n")
+    return (f"Step 1: Rewrite the instruction to be harder; work the word {word} into it.\n"
+            f"Step 2: Then write {FINAL_MARKER} and the result.\n#Instruction#:\n{SLOT}\n")
 
 
 def opt_responder(request) -> str:
@@ -181,8 +181,9 @@ async def test_stops_when_failure_rate_does_not_fall():
     assert not s2["improved"] and s2["chosen_failure_rate"] == 0.4 and s2["best_failure_rate"] == 0.3
     assert s2["baseline_failure_rate"] == 0.3 and s2["method_id"] == s1["chosen"]
     assert "BRAVO" in result.best_method.text and result.best_failure_rate == 0.3
-    # the baseline is evaluated on step 1 only
-    assert len(calls[0]) == 3 and len(calls[1]) == 2
+    # the current method is measured again every step beside the candidates (BRAVO in step 2)
+    assert len(calls[0]) == 3 and len(calls[1]) == 3 and s1["chosen"] in calls[1]
+    assert s2["current_remeasured"]["failure_rate"] == 0.3
 
 
 async def test_patience_two_runs_until_steps():
@@ -237,3 +238,126 @@ def test_failure_rate_of_rows():
             {"status": "failed", "rule": None}, {"status": "evolved", "rule": None}]
     assert failure_rate(rows) == (pytest.approx(1 / 3), 3, {"please_provide": 1}, 1)
     assert failure_rate([])[0] == 1.0
+
+
+# ---- honesty (issue 17) ------------------------------------------------------------------------
+
+async def test_history_written_after_every_step_and_kept_on_a_budget_stop(tmp_path):
+    from evoray.errors import BudgetExceeded
+    from evoray.evolution.optimizer import write_history
+
+    snapshots: list[dict] = []
+
+    def on_step(res):
+        write_history(res, tmp_path)
+        snapshots.append(json.loads((tmp_path / "history.json").read_text()))
+
+    evaluations = {"n": 0}
+
+    async def evaluate(methods, dev_rows):
+        evaluations["n"] += 1
+        if evaluations["n"] == 2:
+            raise BudgetExceeded("budget reached")
+        return await fake_eval({"ALPHA": 0.3})(methods, dev_rows)
+
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=2, dev_size=5, steps=5,
+                         patience=5)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)),
+                          scripted_client(ScriptedProvider(responder=opt_responder)), cfg,
+                          evaluate=evaluate, on_step=on_step)
+    with pytest.raises(BudgetExceeded):
+        await optimizer.run(seed_rows(20))
+    assert [s["stopped"] for s in snapshots] == ["running", "stopped: budget reached"]
+    assert snapshots[0]["best_failure_rate"] == 0.3 and snapshots[0]["baseline_failure_rate"] == 0.5
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert hist["steps_run"] == 1 and hist["steps"][0]["improved"] and "ALPHA" in hist["best_method"]["text"]
+    assert load_method(tmp_path / "best_method.txt").id == hist["best_method"]["id"]
+    assert hist["evol_temperature"] == 0.0 and hist["optimizer_temperature"] == 0.6
+    assert hist["optimizer_top_p"] == 0.95 and hist["rule_set"] == "strict" and "echoed_markers" in hist["rules"]
+
+
+async def test_a_stop_before_the_first_step_writes_null_rates(tmp_path):
+    from evoray.errors import BudgetExceeded
+    from evoray.evolution.optimizer import write_history
+
+    async def evaluate(methods, dev_rows):
+        raise BudgetExceeded("budget reached")
+
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=1, dev_size=5, steps=2)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)),
+                          scripted_client(ScriptedProvider(responder=opt_responder)), cfg, evaluate=evaluate,
+                          on_step=lambda res: write_history(res, tmp_path))
+    with pytest.raises(BudgetExceeded):
+        await optimizer.run(seed_rows(20))
+    hist = json.loads((tmp_path / "history.json").read_text())  # strict JSON: no NaN
+    assert hist["steps_run"] == 0 and hist["best_failure_rate"] is None and hist["stopped"] == "stopped: budget reached"
+
+
+async def test_all_unusable_proposals_are_said_and_retried_once(caplog):
+    def opt(request):
+        text = request.messages[-1]["content"]
+        if "Find the rounds where evolution failed" in text:
+            return "feedback"
+        if request.sample_index < 2:
+            return "I cannot write a method."  # no fenced block
+        return f"```\n{candidate_text(WORDS[request.sample_index])}```"
+    prov = ScriptedProvider(responder=opt)
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=2, dev_size=5, steps=1)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)), scripted_client(prov), cfg,
+                          evaluate=fake_eval({"CHARLIE": 0.2}))
+    result = await optimizer.run(seed_rows(20))
+    step = result.history[0]
+    assert step["proposals_retried"] and not step["no_valid_proposals"]
+    assert len(step["failed_proposals"]) == 2 and all("ParseError" in f["error"] for f in step["failed_proposals"])
+    assert [c["index"] for c in step["candidates"]] == [2, 3] and step["improved"]
+    assert sorted({r.sample_index for r in prov.history}) == [0, 1, 2, 3]  # new indexes: not the cached replies
+    assert "none of the 2 proposals gave a usable method" in caplog.text
+
+
+async def test_no_usable_proposal_after_the_retry_is_its_own_stop_reason():
+    def opt(request):
+        return "feedback" if "Find the rounds" in request.messages[-1]["content"] else "no block"
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=2, dev_size=5, steps=3)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)),
+                          scripted_client(ScriptedProvider(responder=opt)), cfg, evaluate=fake_eval({}))
+    result = await optimizer.run(seed_rows(20))
+    assert result.stopped == "no_valid_proposals" and result.history[0]["no_valid_proposals"]
+    assert len(result.history[0]["failed_proposals"]) == 4
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("Make it harder.\n{instruction}", "no final rewritten-instruction marker"),
+    ("asdf qwer zxcv {instruction} 1234", "no final rewritten-instruction marker"),
+    ("Add one constraint.\n{instruction}\nThen write #Finally Rewritten Instruction#.", "no numbered steps"),
+    ("Step 1: add a constraint.\nStep 2: write it.\n{instruction}", "no final rewritten-instruction marker"),
+    (candidate_text("ALPHA"), None),
+    ("1. List ways.\n2. Plan.\n3. Write the final rewritten instruction.\n{instruction}", None),
+])
+def test_gibberish_candidate_methods_are_rejected(text, problem):
+    from evoray.evolution.optimizer import method_problem
+
+    assert method_problem(Method("c", text), BUILTINS["initial"]) == problem
+    # a rewrite of a single-operation method (no steps) needs no steps, only the final marker
+    single = BUILTINS["add_constraints"]
+    assert method_problem(single, single) is None and method_problem(single, BUILTINS["initial"]) == "no numbered steps"
+    assert method_problem(BUILTINS["initial"]) is None
+
+
+async def test_gibberish_candidate_is_not_evaluated():
+    def opt(request):
+        text = request.messages[-1]["content"]
+        if "Find the rounds where evolution failed" in text:
+            return "feedback"
+        if request.sample_index == 0:
+            return "```\nasdf #Finally Rewritten Instruction# qwer {instruction}\n```"
+        return f"```\n{candidate_text('BRAVO')}```"
+    calls: list = []
+    cfg = OptimizeConfig(sample_size=20, batch_size=2, trajectory_length=1, candidates=2, dev_size=5, steps=1)
+    optimizer = Optimizer(scripted_client(ScriptedProvider(responder=evol_responder)),
+                          scripted_client(ScriptedProvider(responder=opt)), cfg,
+                          evaluate=fake_eval({"BRAVO": 0.1}, calls))
+    result = await optimizer.run(seed_rows(20))
+    step = result.history[0]
+    assert step["failed_proposals"][0]["error"] == "rejected: no numbered steps"
+    assert step["failed_proposals"][0]["text"].startswith("asdf") and not step["proposals_retried"]
+    assert len(calls[0]) == 2 and [c["index"] for c in step["candidates"]] == [1]

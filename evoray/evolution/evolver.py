@@ -2,7 +2,9 @@
 
 :class:`Evolver` is plain async code (no Ray). ``evolve_row(row)`` runs ``config.rounds`` rounds in
 a row, each evolving the previous round's instruction, checks the instruction rules after every
-round, then (if ``config.answer``) lets the evol LLM answer the final instruction at temperature 0,
+round, then (if ``config.answer``) lets the evol LLM answer the final instruction (at
+``config.answer_temperature``, 0 by default; evolutions run at ``config.temperature``, 0 by
+default, the evol LLM's temperature in Auto Evol-Instruct),
 checks the answer rules, and returns **exactly one** row:
 
 * ``status="evolved"``: the final instruction, its answer in ``output``;
@@ -32,18 +34,19 @@ from ..providers.base import Completion, Request
 from ..schema import new_row, result_row
 from .extract import extract_instruction
 from .methods import Method, render
-from .rules import NO_FINAL_INSTRUCTION, RULES, Rule, acheck
-
-EVOLVE_TEMPERATURE = 0.7
-"""Sampling temperature of evolution replies (answers are at temperature 0)."""
+from .rules import NO_FINAL_INSTRUCTION, RULES, Rule, acheck, rule_names
 
 CallError = (ProviderError, RetriesExhausted)
 
 
 def rules_from_config(config: EvolveConfig) -> list[Rule]:
-    names = list(config.rules)
-    if config.equality_check and "no_information_gain" not in names:
+    """The rules of ``config.rules`` (a rule set's name or a list of names), with the LLM
+    no-information-gain check added or dropped when ``config.equality_check`` says so."""
+    names = rule_names(config.rules)
+    if config.equality_check is True and "no_information_gain" not in names:
         names.append("no_information_gain")
+    elif config.equality_check is False:
+        names = [n for n in names if n != "no_information_gain"]
     return RULES.resolve(names)
 
 
@@ -92,12 +95,12 @@ class Evolver:
     """Evolves rows with one method. ``rules`` (names or Rule objects) default to the config's."""
 
     def __init__(self, evol_client: Any, method: Method, config: EvolveConfig | None = None,
-                 rules: Iterable[str | Rule] | None = None, *, temperature: float = EVOLVE_TEMPERATURE):
+                 rules: Iterable[str | Rule] | None = None, *, temperature: float | None = None):
         self.client = evol_client
         self.method = method
         self.config = config or EvolveConfig()
         self.rules = RULES.resolve(rules) if rules is not None else rules_from_config(self.config)
-        self.temperature = temperature
+        self.temperature = self.config.temperature if temperature is None else temperature
 
     # ---- single calls --------------------------------------------------------------------------
     async def _evolve_once(self, instruction: str, calls: _Calls) -> Completion:
@@ -115,7 +118,7 @@ class Evolver:
         return extract_instruction(comp.text, self.method, original=original)
 
     async def _answer(self, instruction: str, input: str, calls: _Calls) -> str:
-        req = Request(messages=answer_messages(instruction, input), temperature=0.0,
+        req = Request(messages=answer_messages(instruction, input), temperature=self.config.answer_temperature,
                       max_tokens=self.config.answer_max_tokens)
         return calls.add(await self.client.complete(req)).text
 
@@ -123,7 +126,8 @@ class Evolver:
         rules = [r for r in self.rules if r.target == target]
         if not rules:
             return None
-        return await acheck(rules, original, evolved, answer, self.method, self.client)
+        return await acheck(rules, original, evolved, answer, self.method, self.client,
+                            temperature=self.config.answer_temperature)
 
     # ---- one row -------------------------------------------------------------------------------
     async def evolve_row(self, row: dict[str, Any]) -> dict[str, Any]:

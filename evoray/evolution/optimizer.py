@@ -38,6 +38,7 @@ import asyncio
 import logging
 import json
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,8 +49,9 @@ from ..errors import StopJob, InputError, ParseError, ProviderError, RetriesExha
 from ..measures import trajectory_measures
 from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
 from ..providers.base import Request
-from .evolver import Evolver
+from .evolver import Evolver, rules_from_config
 from .extract import extract_method
+from ..prompts.evolution import SLOT
 from .methods import Method, ensure_slot, load_method
 from .rules import Rule
 
@@ -123,12 +125,36 @@ Evaluate = Callable[[list[Method], list[dict[str, Any]]], Awaitable[list[EvalRes
 # ---- proposals ---------------------------------------------------------------------------------
 
 class Proposal(NamedTuple):
-    """One analysis + optimization sample. ``method`` is None when the proposal failed (``error``)."""
+    """One analysis + optimization sample. ``method`` is None when the proposal failed (``error``);
+    ``text`` keeps a rejected candidate's method text."""
 
     feedback: str
     method: Method | None
     index: int
     error: str | None = None
+    text: str | None = None
+
+
+_NUMBERED_STEP = re.compile(r"(?im)^[ \t>*#-]*(?:step\s*\d+\b|\d+[.)]\s)")
+
+
+def method_problem(method: Method, parent: Method | None = None) -> str | None:
+    """Why a candidate method is gibberish and is not worth evaluating, or None.
+
+    A method must name its final result: a ``#...#`` marker naming a final result, or the words
+    "final(ly) rewritten instruction/prompt" (without it no evolved instruction can be extracted).
+    An Auto Evol-Instruct method is numbered steps that end with the final rewritten instruction:
+    a candidate rewrite of a ``parent`` that has numbered steps (``Step 1``, ``1.``) must keep
+    numbered steps (Evol-Instruct's single-operation methods have none, and their rewrites need
+    none). Checked before a candidate costs a dev-set evaluation.
+    """
+    body = method.text.replace(SLOT, "")
+    low = body.lower()
+    if method.final_marker is None and not re.search(r"final(?:ly)?\W+rewritten\W+(?:instruction|prompt)", low):
+        return "no final rewritten-instruction marker"
+    if (parent is None or _NUMBERED_STEP.search(parent.text)) and not _NUMBERED_STEP.search(body):
+        return "no numbered steps"
+    return None
 
 
 METHOD_SCHEMA = {
@@ -150,11 +176,15 @@ def _method_text(reply: Any, json_output: bool) -> str:
 
 async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequence[Any], m: int,
                              temperature: float, top_p: float, *, max_tokens: int = 1024,
-                             name_prefix: str = "candidate", json_output: bool = False) -> list[Proposal]:
+                             name_prefix: str = "candidate", json_output: bool = False,
+                             first_index: int = 0) -> list[Proposal]:
     """m independent analyse-then-rewrite samples, run concurrently, in index order.
 
-    Sample i sends both its requests with ``sample_index=i``. A provider error or a reply without
-    a fenced method gives a Proposal with ``method=None`` and the error; StopJob (budget, halted provider) propagates.
+    Sample i (``first_index`` .. ``first_index + m - 1``) sends both its requests with
+    ``sample_index=i`` (a retry passes a new ``first_index`` so the cache does not hand back the
+    same replies). A provider error, a reply
+    without a fenced method, or a gibberish method (:func:`method_problem`) gives a Proposal with
+    ``method=None`` and the error; StopJob (budget, halted provider) propagates.
     """
     traj_text = format_trajectories(list(trajectories))
 
@@ -169,13 +199,17 @@ async def propose_candidates(opt_client: Any, method: Method, trajectories: Sequ
                                                   temperature=temperature, top_p=top_p, max_tokens=max_tokens,
                                                   sample_index=i,
                                                   json_schema=METHOD_SCHEMA if json_output else None))
-            return Proposal(feedback, Method(f"{name_prefix}-{i}", _method_text(o, json_output)), i)
+            meth = Method(f"{name_prefix}-{i}", _method_text(o, json_output))
+            problem = method_problem(meth, method)
+            if problem is not None:
+                return Proposal(feedback, None, i, f"rejected: {problem}", meth.text)
+            return Proposal(feedback, meth, i)
         except StopJob:  # the budget, or a halted provider: the job stops
             raise
         except (ProviderError, RetriesExhausted, ParseError) as e:
             return Proposal(feedback, None, i, f"{type(e).__name__}: {e}")
 
-    return list(await asyncio.gather(*(one(i) for i in range(m))))
+    return list(await asyncio.gather(*(one(i) for i in range(first_index, first_index + m))))
 
 
 def rank_candidates(scored: Iterable[tuple[int, Method, EvalResult]]) -> list[tuple[int, Method, EvalResult]]:
@@ -192,31 +226,43 @@ class OptimizeResult:
     baseline_failure_rate: float
     initial_method: Method
     history: list[dict[str, Any]]
-    stopped: str  # "no_improvement" | "steps"
+    stopped: str  # "no_improvement" | "steps" | "no_valid_proposals" | "running" | "stopped: <why>"
     dev_ids: list[str]
     dev_disjoint: bool
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
+        def rate(x: float) -> float | None:  # None before the first step measured anything
+            return None if x != x else x
+
         return {
             "initial_method": self.initial_method.to_dict(),
-            "baseline_failure_rate": self.baseline_failure_rate,
+            "baseline_failure_rate": rate(self.baseline_failure_rate),
             "best_method": self.best_method.to_dict(),
-            "best_failure_rate": self.best_failure_rate,
+            "best_failure_rate": rate(self.best_failure_rate),
             "stopped": self.stopped,
             "steps_run": len(self.history),
             "dev_size": len(self.dev_ids),
             "dev_ids": self.dev_ids,
             "dev_disjoint": self.dev_disjoint,
+            **self.settings,
             "steps": self.history,
         }
 
 
+OnStep = Callable[[OptimizeResult], None]
+
+
 class Optimizer:
-    """The Auto Evol-Instruct loop (see the module). ``evaluate`` replaces the dev-set evaluation."""
+    """The Auto Evol-Instruct loop (see the module). ``evaluate`` replaces the dev-set evaluation;
+    ``on_step(result)`` is called after every step with the result so far (``stopped`` is
+    ``running``), and once more when the loop ends, also when a StopJob ends it (``stopped`` is
+    ``stopped: <reason>``): :func:`write_history` there keeps the steps done on disk."""
 
     def __init__(self, evol_client: Any, opt_client: Any, config: OptimizeConfig | None = None,
                  evolve_config: EvolveConfig | None = None, evaluate: Evaluate | None = None, *,
-                 initial_method: Method | None = None, rules: Iterable[str | Rule] | None = None):
+                 initial_method: Method | None = None, rules: Iterable[str | Rule] | None = None,
+                 on_step: OnStep | None = None):
         self.evol_client = evol_client
         self.opt_client = opt_client
         self.config = config or OptimizeConfig()
@@ -224,6 +270,17 @@ class Optimizer:
         self.initial_method = initial_method or load_method(self.evolve_config.method)
         self.rules = list(rules) if rules is not None else None
         self._evaluate = evaluate
+        self.on_step = on_step
+
+    def settings(self) -> dict[str, Any]:
+        """The sampling and the rules the run used (recorded in history.json)."""
+        e, c = self.evolve_config, self.config
+        rules = ([getattr(r, "name", r) for r in self.rules] if self.rules is not None
+                 else [r.name for r in rules_from_config(e)])
+        return {"evol_temperature": e.temperature, "answer_temperature": e.answer_temperature,
+                "optimizer_temperature": c.temperature, "optimizer_top_p": c.top_p,
+                "rule_set": e.rules if isinstance(e.rules, str) and self.rules is None else "custom",
+                "rules": rules}
 
     async def evaluate(self, methods: list[Method], dev_rows: list[dict[str, Any]]) -> list[EvalResult]:
         if self._evaluate is not None:
@@ -243,6 +300,22 @@ class Optimizer:
         steps = await asyncio.gather(*(evolver.evolve_trajectory(r, self.config.trajectory_length) for r in batch))
         return [{"seed_id": r["id"], "seed": r["instruction"], "steps": s} for r, s in zip(batch, steps)]
 
+    async def _propose(self, t: int, current: Method, trajectories: list) -> tuple[list[Proposal], bool]:
+        """The step's proposals; when none of them gives a usable method, says so and asks once
+        more with new sample indexes. Returns (every proposal made, retried?)."""
+        c = self.config
+        kw = dict(max_tokens=c.max_tokens, name_prefix=f"step{t}-candidate", json_output=c.json_output)
+        proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
+                                             c.temperature, c.top_p, **kw)
+        if any(p.method is not None for p in proposals):
+            return proposals, False
+        reasons = sorted({(p.error or "?").split(":")[0] for p in proposals})
+        log.warning("[optimize] step %d: none of the %d proposals gave a usable method (%s); asking once more",
+                    t, len(proposals), ", ".join(reasons))
+        again = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
+                                         c.temperature, c.top_p, first_index=c.candidates, **kw)
+        return proposals + again, True
+
     async def run(self, rows: Sequence[dict[str, Any]]) -> OptimizeResult:
         c = self.config
         rows = list(rows)
@@ -250,56 +323,76 @@ class Optimizer:
             raise InputError("the optimizer needs at least one input row")
         rng = random.Random(c.seed)
         dev, train, disjoint = self.split(rows, rng)
-        current = best = self.initial_method
-        current_rate: float | None = None
-        baseline: float | None = None
+        st = {"current": self.initial_method, "best": self.initial_method, "rate": None, "baseline": None}
         history: list[dict[str, Any]] = []
+        settings = self.settings()
+
+        def report(stopped: str) -> OptimizeResult:
+            nan = float("nan")
+            res = OptimizeResult(st["best"], nan if st["rate"] is None else st["rate"],
+                                 nan if st["baseline"] is None else st["baseline"], self.initial_method, history,
+                                 stopped, [r["id"] for r in dev], disjoint, settings)
+            if self.on_step is not None:
+                self.on_step(res)
+            return res
+
+        try:
+            stopped = await self._steps(dev, train, rng, st, history, report)
+        except StopJob as e:  # the budget, or a halted provider: keep the steps done, then stop
+            report(f"stopped: {e}")
+            raise
+        return report(stopped)
+
+    async def _steps(self, dev: list, train: list, rng: random.Random, st: dict, history: list, report) -> str:
+        c = self.config
         stale = 0
-        stopped = "steps"
         for t in range(1, c.steps + 1):
+            current = st["current"]
             batch = rng.sample(train, min(c.batch_size, len(train)))
             log.info("[optimize] step %d: evolving %d trajectories of length %d", t, len(batch), c.trajectory_length)
             trajectories = await self._trajectories(current, batch)
             step_measures = trajectory_measures(trajectories, seed=c.seed)
             log.info("[optimize] step %d: analysing them and proposing %d candidate methods", t, c.candidates)
-            proposals = await propose_candidates(self.opt_client, current, trajectories, c.candidates,
-                                                 c.temperature, c.top_p, max_tokens=c.max_tokens,
-                                                 name_prefix=f"step{t}-candidate", json_output=c.json_output)
+            proposals, retried = await self._propose(t, current, trajectories)
             cands = [(p.index, p.method) for p in proposals if p.method is not None]
-            to_eval: dict[str, Method] = {}
-            if current_rate is None:
-                to_eval[current.id] = current
+            # the current method is measured again every step, on the same dev set, beside the candidates
+            to_eval: dict[str, Method] = {current.id: current}
             for _, meth in cands:
                 to_eval.setdefault(meth.id, meth)
             log.info("[optimize] step %d: evaluating %d method(s) on %d dev rows, concurrently", t, len(to_eval), len(dev))
-            results = await self.evaluate(list(to_eval.values()), dev) if to_eval else []
+            results = await self.evaluate(list(to_eval.values()), dev)
             by_id = {r.method_id: r for r in results}
             missing = [mid for mid in to_eval if mid not in by_id]
             if missing:
                 raise RuntimeError(f"evaluate() returned no result for method(s) {', '.join(missing)}")
+            remeasured = by_id[current.id].failure_rate
             baseline_eval = None
-            if current_rate is None:
+            if st["rate"] is None:
                 baseline_eval = by_id[current.id].to_dict()
-                current_rate = baseline = by_id[current.id].failure_rate
-            step_baseline = current_rate
+                st["rate"] = st["baseline"] = remeasured
+            recorded = st["rate"]
             ranked = rank_candidates((i, meth, by_id[meth.id]) for i, meth in cands)
             chosen = ranked[0] if ranked else None
-            improved = chosen is not None and chosen[2].failure_rate < current_rate
+            # a candidate wins against the current method as measured in this step (same dev set, same time)
+            improved = chosen is not None and chosen[2].failure_rate < remeasured
             if improved:
-                current, current_rate, best = chosen[1], chosen[2].failure_rate, chosen[1]
+                st["current"], st["rate"], st["best"] = chosen[1], chosen[2].failure_rate, chosen[1]
                 stale = 0
             else:
+                st["rate"] = remeasured
                 stale += 1
             history.append({
                 "step": t,
-                "method_id": (history[-1]["adopted"] if history else self.initial_method.id),
+                "method_id": current.id,
                 "batch_ids": [r["id"] for r in batch],
                 "trajectories": [{"seed_id": tr["seed_id"],
                                   "steps": [{"round": s["round"], "evolved": s["evolved"], "failed": s["failed"]}
                                             for s in tr["steps"]]} for tr in trajectories],
                 "feedback": [p.feedback for p in proposals if p.method is not None],
-                "failed_proposals": [{"index": p.index, "feedback": p.feedback, "error": p.error}
+                "failed_proposals": [{"index": p.index, "feedback": p.feedback, "error": p.error, "text": p.text}
                                      for p in proposals if p.method is None],
+                "proposals_retried": retried,
+                "no_valid_proposals": not cands,
                 "candidates": [{"index": i, "method_id": meth.id, "name": meth.name, "text": meth.text,
                                 "failure_rate": by_id[meth.id].failure_rate,
                                 "failures_by_rule": by_id[meth.id].failures_by_rule, "n": by_id[meth.id].n,
@@ -308,19 +401,23 @@ class Optimizer:
                 "chosen": chosen[1].id if chosen else None,
                 "chosen_failure_rate": chosen[2].failure_rate if chosen else None,
                 "improved": improved,
-                "adopted": current.id,
-                "best_failure_rate": current_rate,
-                "baseline_failure_rate": step_baseline,
+                "adopted": st["current"].id,
+                "best_failure_rate": st["rate"],
+                # the current method's rate as recorded when it was adopted, and as measured again this step
+                "baseline_failure_rate": recorded,
+                "current_remeasured": by_id[current.id].to_dict(),
                 "baseline": baseline_eval,
                 "measures": step_measures,
             })
-            log.info("[optimize] step %d: failure rates %s; best so far %.3f", t,
-                     ", ".join(f"{by_id[m.id].failure_rate:.3f}" for _, m in cands) or "none", current_rate)
+            if not cands:
+                log.warning("[optimize] step %d: no usable candidate method, also after asking again; see "
+                            "failed_proposals in history.json", t)
+            log.info("[optimize] step %d: failure rates %s; current method re-measured %.3f; best so far %.3f", t,
+                     ", ".join(f"{by_id[m.id].failure_rate:.3f}" for _, m in cands) or "none", remeasured, st["rate"])
+            report("running")
             if stale >= c.patience:
-                stopped = "no_improvement"
-                break
-        return OptimizeResult(best, current_rate, baseline, self.initial_method, history, stopped,
-                              [r["id"] for r in dev], disjoint)
+                return "no_valid_proposals" if not cands else "no_improvement"
+        return "steps"
 
 
 # ---- outputs -----------------------------------------------------------------------------------
@@ -362,18 +459,29 @@ def plot_failure_rate(result: OptimizeResult, path: str | Path) -> Path:
     return path
 
 
-def write_outputs(result: OptimizeResult, outdir: str | Path) -> dict[str, Path]:
-    """history.json, best_method.txt (what ``load_method`` / ``evoray evolve --method`` accept) and
-    failure_rate.png in ``outdir``."""
+def write_history(result: OptimizeResult, outdir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """history.json and best_method.txt in ``outdir``, each replaced atomically (a crash while
+    writing leaves the previous step's files). The optimizer's ``on_step`` calls this after every
+    step, so a crash or a budget stop keeps the steps done."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"history": out / "history.json", "best_method": out / "best_method.txt",
-             "plot": out / "failure_rate.png"}
-    paths["history"].write_text(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["best_method"].write_text(result.best_method.text, encoding="utf-8")
-    paths["measures"] = out / "measures.json"
+    paths = {"history": out / "history.json", "best_method": out / "best_method.txt", "measures": out / "measures.json"}
+    summary = {**result.summary(), **(extra or {})}
     steps = [{"step": s["step"], "method_id": s.get("method_id"), **s["measures"]}
              for s in result.history if s.get("measures")]
-    paths["measures"].write_text(json.dumps({"steps": steps}, indent=2) + "\n", encoding="utf-8")
+    for path, text in ((paths["history"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n"),
+                       (paths["best_method"], result.best_method.text),
+                       (paths["measures"], json.dumps({"steps": steps}, indent=2) + "\n")):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return paths
+
+
+def write_outputs(result: OptimizeResult, outdir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """history.json, best_method.txt (what ``load_method`` / ``evoray evolve --method`` accept),
+    measures.json and failure_rate.png in ``outdir``."""
+    paths = write_history(result, outdir, extra)
+    paths["plot"] = Path(outdir) / "failure_rate.png"
     plot_failure_rate(result, paths["plot"])
     return paths

@@ -23,6 +23,26 @@ From Evol-Instruct's elimination rules:
 
 Besides these, an evolution whose reply has no final instruction fails with
 :data:`NO_FINAL_INSTRUCTION` (see :mod:`evoray.evolution.extract`).
+
+Rule sets (``evolve.rules``): ``paper`` (:data:`PAPER_RULES`) is exactly the rules above, the LLM
+check included; ``strict`` (:data:`STRICT_RULES`, the default) adds evoray's cheap checks for the
+garbage the paper rules let through (a small model "evolving" a GSM8K problem into ``{``,
+``albert`` or ``,3 pages``, or echoing the method's markers with a space inside):
+
+* ``information_loss`` (instruction) - the evolved instruction has fewer than
+  :data:`MIN_LENGTH_RATIO` of the original's words, or keeps fewer than :data:`MIN_CONTENT_OVERLAP`
+  of its content words (originals of at least :data:`MIN_CONTENT_WORDS` content words; skipped for
+  in-breadth methods, whose new instruction is meant to differ);
+* ``degenerate_instruction`` (instruction) - only punctuation and stop words, or fewer than
+  :data:`MIN_EVOLVED_WORDS` words;
+* ``echoed_markers`` (instruction) - the method's ``#...#`` markers, its ``<<<...>>>`` delimiters,
+  the slot or the stock phrases, matched loosely (any case, any spacing, ``#``/``<``/``>``/``*``
+  dropped), or the bare ``<<<``/``>>>`` fences, that the original did not contain;
+* ``not_a_request`` (instruction) - the original asks for something (a ``?`` or one of
+  :data:`REQUEST_WORDS`) and the evolved instruction does not: a statement such as "The movie is
+  a must for a family ..." or a list of the problem's facts without its question;
+* ``asks_back`` (answer) - a short answer (under 80 words) that asks for the task, its details
+  or its input, whatever its first word.
 """
 
 from __future__ import annotations
@@ -65,6 +85,21 @@ _ASK_BACK = re.compile(r"^(?:understood|thank you|what|that is correct|great)\b"
 _SURE = re.compile(r"^sure\b", re.IGNORECASE)
 _LEAD = " \t\r\n\"'*_`>"
 _DELIMITER = re.compile(r"<<<[^<>\n]{1,60}>>>")
+
+#: strict thresholds (see the module and the README's failure-rule table)
+MIN_LENGTH_RATIO = 0.5
+MIN_CONTENT_OVERLAP = 0.3
+MIN_CONTENT_WORDS = 3
+MIN_EVOLVED_WORDS = 3
+ASK_BACK_MAX_WORDS = 80
+_ASKS_FOR = re.compile(
+    r"\b(?:(?:could|can|would|will) you(?: please)?|please|kindly|i(?:'d| would)? need you to|you need to)\s+"
+    r"(?:provide|share|give|clarify|specify|send|paste|supply|tell me|let me know|include)\b"
+    r"|\b(?:i|we)(?:'d| would)? need (?:more|some|the|additional|further) (?:information|details|context|input)\b"
+    r"|\bwhat (?:is|are|was) the (?:instruction|task|question|problem|prompt|text|input|details?)\b"
+    r"|\bwhich (?:instruction|task|question|problem|prompt|text|input)\b[^.?!]*\?"
+    r"|\bno (?:instruction|task|question|problem|prompt|text|input) (?:was|has been|is) (?:given|provided)\b",
+    re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -161,9 +196,92 @@ def _copied_method(case: Case) -> bool:
     return any(p in evolved and p not in original for p in method_phrases(case.method))
 
 
-async def _no_information_gain(case: Case, client: Any) -> bool:
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def _content(text: str) -> set[str]:
+    return {w for w in _words(text) if w not in STOP_WORDS}
+
+
+def _is_breadth(method: Method | None) -> bool:
+    return method is not None and "breadth" in method.name.lower()
+
+
+def _information_loss(case: Case) -> bool:
+    orig, evolved = _words(case.original), _words(case.evolved)
+    if len(orig) >= 2 * MIN_EVOLVED_WORDS and len(evolved) < MIN_LENGTH_RATIO * len(orig):
+        return True
+    if _is_breadth(case.method):
+        return False
+    content = _content(case.original)
+    if len(content) < MIN_CONTENT_WORDS:
+        return False
+    kept = len(content & _content(case.evolved))
+    return kept < MIN_CONTENT_OVERLAP * len(content)
+
+
+def _degenerate_instruction(case: Case) -> bool:
+    words = _words(case.evolved)
+    return len(words) < MIN_EVOLVED_WORDS or all(w in STOP_WORDS for w in words)
+
+
+def _loose(text: str) -> str:
+    """Lower case, ``#``/``<``/``>``/``*``/``:``/``_`` and digits dropped, any spacing made one space."""
+    return " ".join(re.sub(r"[#<>*:_\[\]{}()\d]+", " ", text.lower()).split())
+
+
+def loose_markers(method: Method | None) -> list[str]:
+    """The method's markers, delimiters, slot and stock phrases in :func:`_loose` form."""
+    phrases = [_loose(p) for p in method_phrases(method)]
+    phrases += ["begin instruction", "end instruction", "finally rewritten instruction", "instruction", "slot"]
+    # a bare "instruction" would hit most instructions: keep only phrases of two words or more
+    return [p for p in dict.fromkeys(phrases) if len(p.split()) >= 2]
+
+
+#: words that make a text a request (imperatives and question words); ``not_a_request`` needs one, or a "?"
+REQUEST_WORDS = frozenset(
+    """what how which who whom whose when where why whether calculate compute find determine solve explain
+    describe write list give name suggest create generate compare contrast identify provide show prove
+    estimate tell summarize summarise rewrite translate classify analyze analyse discuss evaluate design
+    develop propose recommend outline draft compose convert rank predict choose select decide make build
+    construct add remove edit correct fix complete fill paraphrase rephrase simplify expand elaborate
+    illustrate demonstrate justify argue state define derive plan brainstorm imagine invent count sort
+    order arrange organize organise categorize categorise detect extract insert replace change transform
+    format produce prepare develop implement code program debug optimize optimise test check verify assess
+    review critique rate score draw sketch map visualize visualise answer respond reply use apply consider
+    imagine pretend act assume let suppose please""".split())
+
+
+def _is_request(text: str) -> bool:
+    return "?" in text or any(w in REQUEST_WORDS for w in _words(text))
+
+
+def _not_a_request(case: Case) -> bool:
+    return _is_request(case.original) and not _is_request(case.evolved)
+
+
+_FENCE = re.compile(r"<<<|>>>")
+_SLOT_LOOSE = re.compile(r"\{\s*instruction\s*\}", re.IGNORECASE)
+
+
+def _echoed_markers(case: Case) -> bool:
+    if _FENCE.search(case.evolved) and not _FENCE.search(case.original):
+        return True
+    if _SLOT_LOOSE.search(case.evolved) and not _SLOT_LOOSE.search(case.original):
+        return True
+    evolved, original = f" {_loose(case.evolved)} ", f" {_loose(case.original)} "
+    return any(f" {p} " in evolved and f" {p} " not in original for p in loose_markers(case.method))
+
+
+def _asks_back(case: Case) -> bool:
+    a = _answer(case)
+    return len(a.split()) < ASK_BACK_MAX_WORDS and bool(_ASKS_FOR.search(a))
+
+
+async def _no_information_gain(case: Case, client: Any, temperature: float = 0.0) -> bool:
     comp = await client.complete(Request(messages=equality_messages(case.original, case.evolved),
-                                         temperature=0.0, max_tokens=8))
+                                         temperature=temperature, max_tokens=8))
     verdict = comp.text.strip().lower()
     if "not equal" in verdict:
         return False
@@ -183,8 +301,40 @@ RULES.register(Rule("copied_method", "instruction", "evolved instruction copies 
 RULES.register(Rule("no_information_gain", "instruction",
                     "the evol LLM judges the evolved instruction Equal to the original", llm_test=_no_information_gain))
 
-DEFAULT_RULES = ("understood_question", "sure_question", "please_provide", "sorry_short", "punctuation_only",
-                 "copied_method")
+RULES.register(Rule("information_loss", "instruction",
+                    f"evolved instruction has under {MIN_LENGTH_RATIO:.0%} of the original's words, or keeps under "
+                    f"{MIN_CONTENT_OVERLAP:.0%} of its content words (not for in-breadth methods)",
+                    test=_information_loss))
+RULES.register(Rule("degenerate_instruction", "instruction",
+                    f"evolved instruction is only punctuation and stop words, or under {MIN_EVOLVED_WORDS} words",
+                    test=_degenerate_instruction))
+RULES.register(Rule("echoed_markers", "instruction",
+                    "evolved instruction echoes the method's markers, delimiters or slot (any case, spacing or #)",
+                    test=_echoed_markers))
+RULES.register(Rule("not_a_request", "instruction",
+                    "the original asks for something (a ? or a request word) and the evolved instruction does not",
+                    test=_not_a_request))
+RULES.register(Rule("asks_back", "answer",
+                    f"answer under {ASK_BACK_MAX_WORDS} words asks for the task, its details or its input",
+                    test=_asks_back))
+
+#: Auto Evol-Instruct's failure detector + Evol-Instruct's elimination rules, as the papers state them
+PAPER_RULES = ("understood_question", "sure_question", "please_provide", "sorry_short", "punctuation_only",
+               "copied_method", "no_information_gain")
+#: the paper rules plus evoray's cheap checks (the default)
+STRICT_RULES = PAPER_RULES[:-1] + ("echoed_markers", "degenerate_instruction", "information_loss", "not_a_request",
+                                   "asks_back", "no_information_gain")
+RULE_SETS = {"paper": PAPER_RULES, "strict": STRICT_RULES}
+DEFAULT_RULES = STRICT_RULES
+
+
+def rule_names(rules: str | Iterable[str]) -> list[str]:
+    """Rule names of a rule set's name (``paper``, ``strict``) or of a list of names."""
+    if isinstance(rules, str):
+        if rules not in RULE_SETS:
+            raise ConfigError(f"unknown rule set '{rules}' (rule sets: {', '.join(RULE_SETS)}; or list rule names)")
+        return list(RULE_SETS[rules])
+    return list(rules)
 
 
 def check(rules: Iterable[str | Rule], original: str, evolved: str, answer: str | None,
@@ -202,7 +352,7 @@ def check(rules: Iterable[str | Rule], original: str, evolved: str, answer: str 
 
 
 async def acheck(rules: Iterable[str | Rule], original: str, evolved: str, answer: str | None,
-                 method: Method | None = None, client: Any = None) -> str | None:
+                 method: Method | None = None, client: Any = None, temperature: float = 0.0) -> str | None:
     """Like :func:`check`, then the LLM rules (only if every cheap rule passed); needs ``client``
     when an LLM rule is listed. Provider errors of the LLM call propagate."""
     resolved = RULES.resolve(rules)
@@ -214,6 +364,6 @@ async def acheck(rules: Iterable[str | Rule], original: str, evolved: str, answe
         if rule.llm_test is not None and rule.applies(case):
             if client is None:
                 raise ValueError(f"failure rule '{rule.name}' asks the evol LLM: pass a client")
-            if await rule.llm_test(case, client):
+            if await rule.llm_test(case, client, temperature):
                 return rule.name
     return None

@@ -377,6 +377,11 @@ class Provider:
                     changed = True
         return changed
 
+    def unhonoured(self, request: "Request") -> list[str]:
+        """Settings of ``request`` this provider cannot send (counted in the ledger as
+        ``unhonoured_sampling``); none by default."""
+        return []
+
     async def complete(self, request: Request) -> Completion:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -226,7 +226,9 @@ class AnthropicBatchAPI(BatchAPI):
     max_bytes = 256 * 1000 * 1000
 
     def line(self, custom_id: str, request: Request) -> dict[str, Any]:
-        return {"custom_id": custom_id, "params": self.provider.message_params(request)}
+        params = self.provider.message_params(request)
+        params.update(params.pop("extra_body", None) or {})  # a batch line is the plain JSON body
+        return {"custom_id": custom_id, "params": params}
 
     async def submit(self, lines, metadata, note) -> BatchStatus:
         p = self.provider

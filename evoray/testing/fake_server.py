@@ -197,6 +197,10 @@ REWRITE_MARKERS = ("#instruction#", "rewritten instruction", "rewrite", "rewriti
                    "#the given prompt#", "rewritten prompt")
 REWRITE_FINAL_MARKER = "#Finally Rewritten Instruction#"
 ADDED_CONSTRAINT = "Additionally, justify each step of your answer and keep it under 200 words."
+#: constraints a rewrite appends, in order: round r of an evolution adds the r-th
+CONSTRAINTS = (ADDED_CONSTRAINT, "Also state one assumption you make and check the result against it.",
+               "Finally, give the answer in a table with one row per intermediate quantity.",
+               "Mention one common mistake a beginner could make here.")
 
 DEFAULT_SCORE = 4.5
 DEFAULT_EXPLANATION = "The response is accurate, relevant and complete; it follows the instruction closely."
@@ -229,6 +233,8 @@ _INSTRUCTION_END = (
     r"|\n[ \t]*#|\n[ \t]*step\s*\d|\Z)"
 )
 _INSTRUCTION_PATTERNS = (
+    # evoray's own methods fence the instruction (before the next pattern: their text says "instruction: ...")
+    re.compile(r"<<<BEGIN INSTRUCTION>>>\n(.*?)\n<<<END INSTRUCTION>>>", re.S),
     re.compile(r"<instruction>\s*(.*?)\s*</instruction>", re.I | re.S),
     re.compile(r"#(?:the\s+)?given\s+(?:instruction|prompt)#[ \t]*:?[ \t]*\n?(.+?)" + _INSTRUCTION_END, re.I | re.S),
     re.compile(r"#instruction#[ \t]*(?::[ \t]*\n?|\n)(.+?)" + _INSTRUCTION_END, re.I | re.S),
@@ -237,7 +243,8 @@ _INSTRUCTION_PATTERNS = (
 
 
 def extract_instruction(text: str) -> str:
-    """The instruction a rewrite prompt carries (tags, ``#Instruction#:``, ``Instruction:``), else
+    """The instruction a rewrite prompt carries (evoray's ``<<<BEGIN INSTRUCTION>>>`` fence, tags,
+    ``#Instruction#:``, ``Instruction:``), else
     the prompt's last paragraph."""
     for pattern in _INSTRUCTION_PATTERNS:
         found = [m.strip() for m in pattern.findall(text) if m.strip()]
@@ -247,8 +254,12 @@ def extract_instruction(text: str) -> str:
     return paragraphs[-1] if paragraphs else text.strip()
 
 
-def rewrite_reply(instruction: str, constraint: str = ADDED_CONSTRAINT) -> str:
-    """An Evol-Instruct rewrite whose last part is ``#Finally Rewritten Instruction#`` + the new text."""
+def rewrite_reply(instruction: str, constraint: str | None = None) -> str:
+    """An Evol-Instruct rewrite whose last part is ``#Finally Rewritten Instruction#`` + the new text:
+    the instruction with ``constraint`` appended, by default the first of :data:`CONSTRAINTS` it
+    does not hold yet (:data:`ADDED_CONSTRAINT` on a first round), so every round adds information."""
+    if constraint is None:
+        constraint = next((c for c in CONSTRAINTS if c not in instruction), ADDED_CONSTRAINT)
     evolved = f"{instruction.rstrip()} {constraint}".strip()
     return (
         "Step 1 #Methods List#:\n- Add a constraint on the form of the answer\n- Ask for justification\n"
@@ -261,6 +272,18 @@ def rewrite_reply(instruction: str, constraint: str = ADDED_CONSTRAINT) -> str:
 def unchanged_rewrite_reply(instruction: str) -> str:
     """A failed evolution: the 'rewritten' instruction is the original one."""
     return f"{REWRITE_FINAL_MARKER}\n{instruction.strip()}"
+
+
+def equality_reply(prompt: str) -> str:
+    """The no-information-gain check: Equal when the second fenced instruction adds no word the
+    first lacks (the same text, a whitespace or case change, or a shortened copy), else Not Equal.
+    A stand-in for an LLM's judgement, not one: it cannot see a paraphrase that adds nothing."""
+    first = re.search(r"<<<FIRST INSTRUCTION>>>\n(.*?)\n<<<END FIRST INSTRUCTION>>>", prompt, re.S | re.I)
+    second = re.search(r"<<<SECOND INSTRUCTION>>>\n(.*?)\n<<<END SECOND INSTRUCTION>>>", prompt, re.S | re.I)
+    if not first or not second:
+        return "Not Equal"
+    words = lambda text: set(re.findall(r"\w+", text.lower()))  # noqa: E731
+    return "Equal" if words(second.group(1)) <= words(first.group(1)) else "Not Equal"
 
 
 def clarification_reply() -> str:
@@ -383,6 +406,8 @@ def default_reply(messages: list[dict[str, Any]], wants_json: bool | dict = Fals
     everything = "\n\n".join(_text_of(m.get("content")) for m in messages).lower()
     if all(_has_any(everything, (m,)) for m in PAIRWISE_MARKERS):
         return pairwise_reply()
+    if "<<<first instruction>>>" in everything and "<<<second instruction>>>" in everything:
+        return equality_reply(last_user or everything)
     if _has_any(everything, RATING_MARKERS) and re.search(RATING_SCALE_PATTERN, everything):
         return rating_reply()
     if _has_any(everything, OPTIMIZER_MARKERS) or (
