@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, RayLost, UsageError
+from .io import atomic_path, write_json_atomic
 from .ledger import Ledger
 from .progress import StageProgress
 from .raydata import POS, canonicalize, parquet_row_bytes
@@ -279,9 +280,8 @@ def canonical_table(table: pa.Table) -> pa.Table:
 
 
 def write_canonical(table: pa.Table, path: Path, row_group: int = 256) -> Path:
-    tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(canonical_table(table), tmp, row_group_size=row_group)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(canonical_table(table), tmp, row_group_size=row_group)
     return path
 
 
@@ -301,9 +301,7 @@ def done_marker(outdir: Path, fp: str) -> dict | None:
 def write_marker(outdir: Path, fp: str, counts: dict, outputs: dict, extra: dict | None = None) -> None:
     (outdir / STOPPED).unlink(missing_ok=True)
     data = {"fingerprint": fp, "counts": counts, "outputs": outputs, **(extra or {})}
-    tmp = outdir / f".{SUCCESS}.partial"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, outdir / SUCCESS)
+    write_json_atomic(outdir / SUCCESS, data, indent=2)
 
 
 def clear_marker(outdir: Path) -> None:

@@ -22,10 +22,11 @@ import base64
 import datetime as _dt
 import html
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .io import write_text_atomic
 
 REPORT_NAME = "report.html"
 STAGE_ORDER = ("ingest", "optimize", "evolve", "answer", "rate", "judge")
@@ -617,10 +618,7 @@ def write_report(outdir: str | Path) -> Path:
         raise UsageError(f"{out}: no such output folder")
     text = render_report(out)
     path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.partial"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 __all__ = ["SECTIONS", "esc", "find_stages", "render_report", "write_report"]
