@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..config import ProviderConfig
+from ..tokens import estimate_input_tokens, estimate_request_tokens
 
 log = logging.getLogger("evoray")
 
@@ -46,12 +47,14 @@ class Request:
     def non_system(self) -> list[dict[str, str]]:
         return [m for m in self.messages if m["role"] != "system"]
 
-    def prompt_chars(self) -> int:
-        return sum(len(m["content"]) for m in self.messages)
-
     def estimate_input_tokens(self) -> int:
-        """Rough input tokens before the call: ~4 characters a token plus per-message framing."""
-        return self.prompt_chars() // 4 + 4 * len(self.messages) + 4
+        """Rough input tokens before the call (:func:`evoray.tokens.estimate_input_tokens`)."""
+        return estimate_input_tokens(self.messages)
+
+    def estimate_tokens(self) -> int:
+        """The most tokens this request may use, charged before the call
+        (:func:`evoray.tokens.estimate_request_tokens`)."""
+        return estimate_request_tokens(self.messages, self.max_tokens)
 
     def cache_payload(self) -> dict[str, Any]:
         d = asdict(self)
