@@ -390,13 +390,9 @@ def _section_optimization(ctx: _Ctx) -> str:
         parts.append(_not_run("history.json holds no steps."))
 
     def draw(p: Path):
-        from .plots import failure_rate_plot
+        from .plots import optimize_failure_rate_plot
 
-        pts: list[Any] = []
-        if hist.get("baseline_failure_rate") is not None:
-            pts.append({"step": 0, "failure_rate": hist["baseline_failure_rate"], "candidates": []})
-        pts += steps
-        failure_rate_plot(pts, p)
+        optimize_failure_rate_plot(hist, p)
 
     png = ctx.chart(d, "failure_rate.png", draw)
     msteps = _measure_points(d, "steps") or [{"step": s.get("step"), **s["measures"]} for s in steps
