@@ -67,6 +67,7 @@ from typing import Any, Iterable, Sequence
 
 from .config import BATCH_STAGES, JobConfig, ProviderConfig
 from .errors import ConfigError, UsageError
+from .providers import provider_class
 from .tokens import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, estimate_message_tokens, estimate_tokens
 
 SAMPLE_ROWS = 200
@@ -211,7 +212,7 @@ class TokenCounter:
 
     def __init__(self, provider: ProviderConfig | None = None):
         self.encoding = None
-        if provider is not None and provider.kind == "openai":
+        if provider is not None and provider_class(provider.kind).counts_with_tiktoken:
             self.encoding = _tiktoken_encoding(provider.model)
         self.name = f"tiktoken:{self.encoding.name}" if self.encoding is not None else "approx"
 
@@ -350,7 +351,6 @@ class _Builder:
     # rate ---------------------------------------------------------------------------------------
     def rate(self, st: StageEstimate, rows: _Rows) -> None:
         from .prompts.rating import build_rating_request
-        from .providers import provider_class
 
         c = self.config.rate
         pr = self.pricing("rater")

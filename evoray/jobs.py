@@ -36,6 +36,7 @@ from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, R
 from .io import atomic_path, write_json_atomic
 from .ledger import Ledger
 from .progress import StageProgress
+from .providers import runs_locally
 from .raydata import POS, canonicalize, parquet_row_bytes
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
 from .seen import SeenRows
@@ -216,7 +217,7 @@ class JobContext:
                 elif k:
                     state = (f"{k.get('granted', 0)} permit(s) granted at {k.get('rpm') or 0:.0f} rpm, "
                              f"{k.get('rate_limited', 0)} 429(s)")
-                elif pc_ is not None and pc_.kind == "local":
+                elif pc_ is not None and runs_locally(pc_):
                     state = (f"local model, {pc_.replicas} replica(s) answering one request at a time each "
                              f"(timeout_s {pc_.timeout_s:g})")
                 else:
