@@ -77,6 +77,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -788,6 +789,17 @@ def temp_path(path: str | os.PathLike, directory: bool = False) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove temporary files :func:`temp_path` made for ``path`` that a killed run left behind;
+    returns how many. Only for a writer that knows it is the only one writing ``path``."""
+    path = Path(path)
+    n = 0
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*.partial"):
+        _remove(p)
+        n += 1
+    return n
 
 
 def _remove(p: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .io import temp_path
+from .io import remove_stale_temps, temp_path
 
 
 class TableSink:
@@ -30,6 +30,7 @@ class TableSink:
         self.path = self.dir / f"{name}.{fmt}"
         if fmt not in ("parquet", "jsonl"):
             raise ValueError(f"unknown table format '{fmt}' (parquet or jsonl)")
+        remove_stale_temps(self.path)  # a killed earlier run's partial file (one stage writes a table)
         self.tmp = temp_path(self.path)  # the atomic-write naming rule of evoray.io
         self.rows = 0
         self.row_group_rows = row_group_rows

@@ -564,6 +564,23 @@ def test_table_sink_packs_small_batches_into_row_groups_and_aborts_cleanly(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
 
 
+def test_table_sink_rerun_removes_a_killed_runs_partial_file(tmp_path):
+    import pyarrow as pa
+
+    from evoray.sinks import TableSink
+
+    schema = pa.schema([("id", pa.string())])
+    killed = TableSink(tmp_path, "t", "jsonl", schema)  # never closed nor aborted: the process died
+    killed.write([{"id": "a"}])
+    other = io.temp_path(tmp_path / "t2.jsonl")  # another table's partial file is not touched
+    assert killed.tmp.exists()
+    again = TableSink(tmp_path, "t", "jsonl", schema)
+    assert not killed.tmp.exists() and again.tmp.exists()
+    again.write([{"id": "b"}])
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t.jsonl", other.name])
+
+
 def test_parquet_stream_reads_one_row_group_at_a_time(tmp_path):
     """Iterating a many-row-group file holds about one row group of Arrow memory, not the file."""
     path = tmp_path / "big.parquet"
