@@ -133,7 +133,7 @@ class BatchState:
         bad = (self._read(name) - set(ok)) | set(failed)
         if bad:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / name).write_text("".join(f"{c}\n" for c in sorted(bad)), encoding="utf-8")
+            write_text_atomic(self.dir / name, "".join(f"{c}\n" for c in sorted(bad)))
         self.update(entry, collected=True, **fields, counts={"failed": len(bad)})
 
     def _read(self, name: str) -> frozenset[str]:

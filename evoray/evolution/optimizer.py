@@ -45,6 +45,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 from ..config import EvolveConfig, OptimizeConfig
 from ..errors import StopJob, InputError, ParseError, ProviderError, RetriesExhausted
+from ..io import write_text_atomic
 from ..measures import trajectory_measures
 from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
 from ..providers.base import Request
@@ -340,11 +341,11 @@ def write_outputs(result: OptimizeResult, outdir: str | Path) -> dict[str, Path]
     out.mkdir(parents=True, exist_ok=True)
     paths = {"history": out / "history.json", "best_method": out / "best_method.txt",
              "plot": out / "failure_rate.png"}
-    paths["history"].write_text(json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["best_method"].write_text(result.best_method.text, encoding="utf-8")
+    write_text_atomic(paths["history"], json.dumps(result.summary(), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths["best_method"], result.best_method.text)
     paths["measures"] = out / "measures.json"
     steps = [{"step": s["step"], "method_id": s.get("method_id"), **s["measures"]}
              for s in result.history if s.get("measures")]
-    paths["measures"].write_text(json.dumps({"steps": steps}, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(paths["measures"], json.dumps({"steps": steps}, indent=2) + "\n")
     plot_failure_rate(result, paths["plot"])
     return paths
