@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from evoray.config import JobConfig
 from evoray.errors import HALTED_PREFIX, BudgetExceeded, ProviderHalted
+from evoray.providers import runs_locally
 from evoray.raydata import POS
 from evoray.schema import RESULT_SCHEMA, result_row
 from evoray.workers import lookup
@@ -56,7 +57,7 @@ def worker_context(config_json: str, job_id: str, roles: list[str]):
     replicas = {
         p.name: [ray.get_actor(replica_name(job_id, p.name, i)) for i in range(p.replicas)]
         for p in config.providers
-        if p.kind == "local"
+        if runs_locally(p)
     }
     return config, build_clients(config, roles, gate, replicas)
 

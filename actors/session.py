@@ -23,6 +23,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from evoray.config import JobConfig
+from evoray.providers import runs_locally
 
 log = logging.getLogger("evoray")
 
@@ -38,7 +39,7 @@ def local_num_cpus(config: JobConfig) -> int:
     on a small machine and the job would wait forever."""
     if config.ray.num_cpus:
         return config.ray.num_cpus
-    reserved = sum(p.num_cpus * p.replicas for p in config.providers if p.kind == "local")
+    reserved = sum(p.num_cpus * p.replicas for p in config.providers if runs_locally(p))
     return int((os.cpu_count() or 1) + -(-reserved // 1))
 
 
@@ -121,7 +122,7 @@ class RaySession:
         from actors.pools import replica_name
 
         needed = {p.name for r in (roles or ["rater", "evol", "optimizer", "judge", "answer"])
-                  for p in self.config.providers_for(r) if p.kind == "local"}
+                  for p in self.config.providers_for(r) if runs_locally(p)}
         for p in self.config.providers:
             if p.name not in needed:
                 continue

@@ -58,6 +58,7 @@ from .cache import ResponseCache, cache_key
 from .config import BatchConfig
 from .errors import BudgetExceeded, ProviderError, RetriesExhausted
 from .gate import backoff_delay
+from .io import write_text_atomic
 from .ledger import Ledger
 from .providers.base import Completion, Provider, Request
 from .providers.batch_api import BatchAPI, BatchStatus, LineResult, batch_api
@@ -90,18 +91,14 @@ class BatchState:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        tmp.write_text(json.dumps({"version": 1, "batches": self.entries}, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"version": 1, "batches": self.entries}, indent=1) + "\n")
 
     def reserve(self, custom_ids: Sequence[str]) -> int:
         """A new entry number, with its custom ids written beside the state file."""
         self._seq += 1
         self.dir.mkdir(parents=True, exist_ok=True)
         target = self.dir / f"{self._seq}.ids"
-        tmp = target.with_name(f".{target.name}.partial")
-        tmp.write_text("".join(f"{c}\n" for c in custom_ids), encoding="utf-8")
-        os.replace(tmp, target)
+        write_text_atomic(target, "".join(f"{c}\n" for c in custom_ids))
         self._ids_cache[self._seq] = frozenset(custom_ids)
         return self._seq
 
@@ -136,7 +133,7 @@ class BatchState:
         bad = (self._read(name) - set(ok)) | set(failed)
         if bad:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / name).write_text("".join(f"{c}\n" for c in sorted(bad)), encoding="utf-8")
+            write_text_atomic(self.dir / name, "".join(f"{c}\n" for c in sorted(bad)))
         self.update(entry, collected=True, **fields, counts={"failed": len(bad)})
 
     def _read(self, name: str) -> frozenset[str]:

@@ -23,10 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .io import write_json_atomic
 from .providers.base import Completion, Request
 
 
@@ -79,14 +79,5 @@ class ResponseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         data: dict[str, Any] = completion.to_dict()
         data["cached"] = False
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        # no fsync: a cache entry lost to a power cut is only a miss
+        write_json_atomic(path, data, fsync=False, ensure_ascii=False)

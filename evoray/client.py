@@ -179,7 +179,7 @@ class LLMClient:
             for p in self.providers.values():
                 p.prepare()
             self._prepared = True
-        est = request.estimate_input_tokens() + request.max_tokens
+        est = request.estimate_tokens()
         last: BaseException | None = None
         attempt = 0
         adaptations = 0

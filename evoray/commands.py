@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import JobConfig
 from .errors import EvorayError, UsageError
+from .io import write_text_atomic
 
 
 def cmd_ingest(args) -> int:
@@ -197,10 +198,10 @@ def _write_job_ledger(ctx, outdir: Path, cmd: str, quiet: bool) -> None:
         # nothing ran (every stage was complete): keep the stages' ledgers, say no request was sent
         led = Ledger()
         if not (outdir / "ledger.json").exists() or cmd == "run":
-            (outdir / "ledger.json").write_text(json.dumps(led.to_dict(), indent=2) + "\n")
+            write_text_atomic(outdir / "ledger.json", json.dumps(led.to_dict(), indent=2) + "\n")
     else:
         led = Ledger.from_dict(ctx.ledger_dict())
-        (outdir / "ledger.json").write_text(json.dumps(led.to_dict(), indent=2) + "\n")
+        write_text_atomic(outdir / "ledger.json", json.dumps(led.to_dict(), indent=2) + "\n")
     if not quiet:
         print("ledger:")
         lines = led.summary_lines()

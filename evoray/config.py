@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .errors import ConfigError, MissingKeyError
 
-DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "local": None}
 ROLES = ("rater", "evol", "optimizer", "judge", "answer")
 #: stages that can run in batch mode -> (their config section, their role)
 BATCH_STAGES = {"rate": ("rate", "rater"), "answer": ("answer", "answer"), "judge": ("judge", "judge")}
@@ -141,15 +140,24 @@ class ProviderConfig(Base):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.kind == "local" and self.base_url:
-            raise ValueError("base_url is for kind openai/anthropic, not local")
-        if self.kind == "anthropic" and self.structured_output == "json_object":
-            raise ValueError("kind anthropic has no json_object mode: use structured_output auto, json_schema or none")
+        from .providers import provider_class, provider_kinds  # the providers import this module
+
+        cls = provider_class(self.kind)
+        if self.base_url and not cls.accepts_base_url:
+            takes = "/".join(k for k, c in provider_kinds().items() if c.accepts_base_url)
+            raise ValueError(f"base_url is for kind {takes}, not {self.kind}")
+        modes = cls.structured_output_modes
+        if self.structured_output != "auto" and self.structured_output not in modes:
+            raise ValueError(f"kind {self.kind} has no {self.structured_output} mode: use structured_output auto, "
+                             f"{', '.join(modes[:-1])} or {modes[-1]}")
         return self
 
     @property
     def key_env(self) -> str | None:
-        return self.api_key_env or DEFAULT_KEY_ENV[self.kind]
+        """``api_key_env``, else the kind's default variable (``Provider.default_key_env``)."""
+        from .providers import provider_class
+
+        return self.api_key_env or provider_class(self.kind).default_key_env
 
     def api_key(self, environ: dict | None = None) -> SecretStr | None:
         """The key from the environment, or MissingKeyError naming the variable."""

@@ -18,9 +18,10 @@ Counting tokens
     but only when the model's encoding file is already in tiktoken's cache: tiktoken downloads
     encodings on first use, and the estimate must send nothing (and must not hang without a
     network). Everything else - Anthropic, local models, OpenAI-compatible servers with other
-    model names, or an encoding that is not cached - uses the approximation
-    ``len(text) / 4`` tokens per message plus :data:`TOKENS_PER_MESSAGE` (4) for the message
-    framing. The table names the counter used for each line.
+    model names, or an encoding that is not cached - uses evoray's one approximation
+    (:func:`evoray.tokens.estimate_message_tokens`): ``len(text) / 4`` tokens per message plus
+    :data:`~evoray.tokens.TOKENS_PER_MESSAGE` (4) for the message framing (tiktoken counts get the
+    same framing). The table names the counter used for each line.
 
 Output tokens
     Replies are not known in advance: each call is assumed to produce
@@ -69,6 +70,8 @@ from typing import Any, Iterable, Sequence
 
 from .config import BATCH_STAGES, JobConfig, ProviderConfig
 from .errors import ConfigError, UsageError
+from .providers import provider_class
+from .tokens import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, estimate_message_tokens, estimate_tokens
 
 SAMPLE_ROWS = 200
 """Rows whose prompts are built and counted; token totals are scaled from their mean."""
@@ -76,11 +79,6 @@ SAMPLE_ROWS = 200
 OUTPUT_FRACTION = 0.5
 """Assumed share of ``max_tokens`` each reply uses."""
 
-TOKENS_PER_MESSAGE = 4
-"""Tokens added per message for the chat framing (role, separators), in both counters."""
-
-CHARS_PER_TOKEN = 4
-"""The approximation's characters per token."""
 
 # Stage -> the roles that serve it (kept in step with evoray.workers / the optimizer).
 STAGE_ROLES: dict[str, tuple[str, ...]] = {
@@ -155,9 +153,8 @@ class StageEstimate:
 
 # ---- token counting ---------------------------------------------------------------------------------
 
-def approx_tokens(text: str) -> int:
-    """The approximation: ``len(text) / 4`` tokens (rounded up)."""
-    return -(-len(text) // CHARS_PER_TOKEN)
+#: The approximation: ``len(text) / 4`` tokens, rounded up (the one rule, :mod:`evoray.tokens`).
+approx_tokens = estimate_tokens
 
 
 def _tiktoken_cache_dir() -> str | None:
@@ -218,7 +215,7 @@ class TokenCounter:
 
     def __init__(self, provider: ProviderConfig | None = None):
         self.encoding = None
-        if provider is not None and provider.kind == "openai":
+        if provider is not None and provider_class(provider.kind).counts_with_tiktoken:
             self.encoding = _tiktoken_encoding(provider.model)
         self.name = f"tiktoken:{self.encoding.name}" if self.encoding is not None else "approx"
 
@@ -228,6 +225,8 @@ class TokenCounter:
         return approx_tokens(text)
 
     def messages(self, messages: Sequence[dict[str, str]]) -> int:
+        if self.encoding is None:
+            return estimate_message_tokens(messages)
         return sum(self.text(m.get("content") or "") + TOKENS_PER_MESSAGE for m in messages)
 
 
@@ -362,7 +361,6 @@ class _Builder:
     # rate ---------------------------------------------------------------------------------------
     def rate(self, st: StageEstimate, rows: _Rows) -> None:
         from .prompts.rating import build_rating_request
-        from .providers import provider_class
 
         c = self.config.rate
         pr = self.pricing("rater")

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from .errors import UsageError
+from .io import atomic_path
 
 FORMATS = ("alpaca", "sharegpt", "openai", "hf")
 #: tables looked for in a stage folder, in this order, when none is named
@@ -268,8 +269,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, table: str 
         _export_hf(path, out, records, summary, skipped, obs, progress)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.partial")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             if fmt == "openai":
                 for row in records():
                     f.write(json.dumps(to_openai(row, system), ensure_ascii=False) + "\n")
@@ -281,7 +281,6 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str, table: str 
                     f.write(("\n" if first else ",\n") + json.dumps(conv(row), ensure_ascii=False))
                     first = False
                 f.write("\n]\n")
-        os.replace(tmp, out)
         summary.skipped = dict(skipped)
         summary.selection = {**stage_selection(path), "observed": obs.to_dict()}
     if summary.written + sum(summary.skipped.values()) != summary.rows_in:  # pragma: no cover - a bug, not input
@@ -305,7 +304,6 @@ def _export_hf(path: Path, out: Path, records, summary: ExportSummary, skipped: 
 
 def _write_hf(datasets, path: Path, out: Path, records, summary: ExportSummary, skipped: Counter,
               obs: _Observer) -> None:
-    import shutil
     import tempfile
 
     if path.suffix == ".parquet":
@@ -321,20 +319,17 @@ def _write_hf(datasets, path: Path, out: Path, records, summary: ExportSummary, 
         for row in records():
             yield {c: row.get(c) if c not in ("input", "output") else (row.get(c) or "") for c in columns}
 
-    with tempfile.TemporaryDirectory(prefix="evoray-export-") as cache:
-        ds = datasets.Dataset.from_generator(gen, features=_hf_features(datasets, columns), cache_dir=cache)
-        summary.skipped = dict(skipped)
-        summary.selection = {**stage_selection(path), "observed": obs.to_dict()}
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        ds.save_to_disk(str(tmp))
-        del ds
-    summary_rows = summary.to_dict()
-    (tmp / "README.md").write_text(dataset_card(summary))
-    (tmp / "evoray_export.json").write_text(json.dumps(summary_rows, indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, directory=True) as tmp:
+        with tempfile.TemporaryDirectory(prefix="evoray-export-") as cache:
+            ds = datasets.Dataset.from_generator(gen, features=_hf_features(datasets, columns), cache_dir=cache)
+            summary.skipped = dict(skipped)
+            summary.selection = {**stage_selection(path), "observed": obs.to_dict()}
+            ds.save_to_disk(str(tmp))
+            del ds
+        summary_rows = summary.to_dict()
+        (tmp / "README.md").write_text(dataset_card(summary))
+        (tmp / "evoray_export.json").write_text(json.dumps(summary_rows, indent=2, default=str) + "\n")
 
 
 def default_out(src: str | os.PathLike, fmt: str, table: str | None = None) -> Path:

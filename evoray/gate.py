@@ -39,6 +39,7 @@ from .config import ProviderConfig
 from .errors import BudgetExceeded, ConfigError
 from .ledger import Ledger
 from .limiter import KeyGate, LimitSpec, LocalKeyLink, PermitPool, key_identity, new_client_id
+from .providers import runs_locally
 
 
 def _now() -> float:
@@ -55,8 +56,8 @@ def provider_identity(cfg: ProviderConfig, job_id: str = "", environ: dict | Non
 
     A local model is its own limit within one job. When the key is not available in this process
     the entry is its own key (never merged with another by guesswork)."""
-    if cfg.kind == "local":
-        return key_identity("local", f"{job_id}/{cfg.name}", None, cfg.name)
+    if runs_locally(cfg):
+        return key_identity(cfg.kind, f"{job_id}/{cfg.name}", None, cfg.name)
     env = cfg.key_env
     value = (environ if environ is not None else os.environ).get(env) if env else None
     return key_identity(cfg.kind, cfg.base_url, value or None, fallback=f"{job_id}/{cfg.name}")

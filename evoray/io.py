@@ -60,15 +60,24 @@ Writing
 ``NAME.jsonl`` in chunks, atomically: it writes a temporary file in the same folder and
 :func:`os.replace` s it over the target at the end, so a half-written file is never mistaken for a
 complete one. Both load with pyarrow and with ``datasets.load_dataset("parquet" | "json")``.
+
+Every whole file evoray writes goes through the same rule, :func:`atomic_path` (and its shorthands
+:func:`write_text_atomic`, :func:`write_json_atomic`): a temporary name in the target's folder
+(:func:`temp_path`, ``.NAME.<random>.partial``), flushed to disk and renamed over the target on
+success, removed on error. Streaming writers that outlive one call (:class:`evoray.sinks.TableSink`)
+take their temporary name from :func:`temp_path` and rename it themselves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -729,7 +738,7 @@ def ingest(
     qpath = quarantine_path_for(out)
     summary = IngestSummary(out=str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    qtmp = _temp_name(qpath) if skip_invalid else None
+    qtmp = temp_path(qpath) if skip_invalid else None
     try:
         rows = iter_rows(sources, fmt, mapping, skip_invalid, qtmp, limit, summary)
         write_table(rows, out, ROW_SCHEMA, fmt=fmt_out)
@@ -761,10 +770,84 @@ def _table_format(path: Path, fmt: str | None = None) -> str:
     raise UsageError(f"{path}: the output must end in .parquet or .jsonl")
 
 
-def _temp_name(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+# ------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def temp_path(path: str | os.PathLike, directory: bool = False) -> Path:
+    """A new, unique temporary name beside ``path`` (``.NAME.<random>.partial``), created empty.
+
+    The one temporary-name rule of every atomic write: same folder as the target (so the final
+    :func:`os.replace` is a rename on one file system), hidden, and never a name a reader trusts.
+    With ``directory`` an empty folder is created instead of an empty file.
+    """
+    path = Path(path)
+    if directory:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     return Path(name)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Remove temporary files :func:`temp_path` made for ``path`` that a killed run left behind;
+    returns how many. Only for a writer that knows it is the only one writing ``path``."""
+    path = Path(path)
+    n = 0
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*.partial"):
+        _remove(p)
+        n += 1
+    return n
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, directory: bool = False, fsync: bool = True) -> Iterator[Path]:
+    """Write ``path`` atomically: yields a temporary path in the same folder (see :func:`temp_path`).
+
+    When the block ends without an error the temporary file is flushed to disk (``fsync``) and
+    renamed over ``path``; on an error it is removed and ``path`` is left as it was. With
+    ``directory`` the temporary path is a folder, and an existing folder at ``path`` is removed just
+    before the rename (a folder cannot be renamed over a non-empty one). The parent folder must
+    exist.
+    """
+    path = Path(path)
+    tmp = temp_path(path, directory=directory)
+    try:
+        yield tmp
+        if fsync and not directory:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if directory and path.exists():
+            _remove(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            _remove(tmp)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, encoding: str = "utf-8", fsync: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
+    path = Path(path)
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, fsync: bool = True, **dumps: Any) -> Path:
+    """Write ``json.dumps(obj, **dumps)`` to ``path`` atomically; returns ``path``."""
+    return write_text_atomic(path, json.dumps(obj, **dumps), fsync=fsync)
 
 
 def _chunks(data: Any, schema: pa.Schema | None, chunk_rows: int) -> Iterator[pa.Table]:
@@ -828,9 +911,8 @@ def write_table(
     path = Path(path)
     fmt = _table_format(path, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
     n = 0
-    try:
+    with atomic_path(path) as tmp:
         if fmt == "parquet":
             writer = None
             try:
@@ -853,10 +935,6 @@ def write_table(
                     for row in t.to_pylist():
                         f.write(_dumps(row) + "\n")
                     n += t.num_rows
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return n
 
 

@@ -33,8 +33,10 @@ import pyarrow.parquet as pq
 
 from .config import JobConfig
 from .errors import HALTED_PREFIX, BudgetExceeded, InputError, ProviderHalted, RayLost, UsageError
+from .io import atomic_path, write_json_atomic, write_text_atomic
 from .ledger import Ledger
 from .progress import StageProgress
+from .providers import runs_locally
 from .raydata import POS, canonicalize, parquet_row_bytes
 from .schema import RESULT_SCHEMA, ROW_FIELDS, ROW_SCHEMA
 from .seen import SeenRows
@@ -215,7 +217,7 @@ class JobContext:
                 elif k:
                     state = (f"{k.get('granted', 0)} permit(s) granted at {k.get('rpm') or 0:.0f} rpm, "
                              f"{k.get('rate_limited', 0)} 429(s)")
-                elif pc_ is not None and pc_.kind == "local":
+                elif pc_ is not None and runs_locally(pc_):
                     state = (f"local model, {pc_.replicas} replica(s) answering one request at a time each "
                              f"(timeout_s {pc_.timeout_s:g})")
                 else:
@@ -265,7 +267,7 @@ def prepare_input(config: JobConfig, src: str | None, outdir: Path) -> Path:
         q = getattr(summary, "quarantined", 0)
         if q:
             log.warning("%d invalid input row(s) quarantined in %s", q, getattr(summary, "quarantine_path", "?"))
-        marker.write_text(fp)
+        write_text_atomic(marker, fp)
     return path
 
 
@@ -279,9 +281,8 @@ def canonical_table(table: pa.Table) -> pa.Table:
 
 
 def write_canonical(table: pa.Table, path: Path, row_group: int = 256) -> Path:
-    tmp = path.with_name(f".{path.name}.partial")
-    pq.write_table(canonical_table(table), tmp, row_group_size=row_group)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(canonical_table(table), tmp, row_group_size=row_group)
     return path
 
 
@@ -301,9 +302,7 @@ def done_marker(outdir: Path, fp: str) -> dict | None:
 def write_marker(outdir: Path, fp: str, counts: dict, outputs: dict, extra: dict | None = None) -> None:
     (outdir / STOPPED).unlink(missing_ok=True)
     data = {"fingerprint": fp, "counts": counts, "outputs": outputs, **(extra or {})}
-    tmp = outdir / f".{SUCCESS}.partial"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, outdir / SUCCESS)
+    write_json_atomic(outdir / SUCCESS, data, indent=2)
 
 
 def clear_marker(outdir: Path) -> None:
@@ -312,7 +311,7 @@ def clear_marker(outdir: Path) -> None:
 
 def write_ledger(ctx: JobContext, outdir: Path) -> dict:
     led = ctx.ledger_dict()
-    (outdir / "ledger.json").write_text(json.dumps(led, indent=2) + "\n")
+    write_text_atomic(outdir / "ledger.json", json.dumps(led, indent=2) + "\n")
     return led
 
 
@@ -419,19 +418,19 @@ def run_pool_stage(ctx: JobContext, stage: str, worker: str, input_path: Path, o
     counts["nodes"] = len(nodes)
     counts["by_status"] = dict(by_status)
     counts["failure_reasons"] = dict(reasons.most_common(MAX_REASONS))
-    (outdir / "_nodes.json").write_text(json.dumps(sorted(nodes)))
+    write_text_atomic(outdir / "_nodes.json", json.dumps(sorted(nodes)))
     if lost is not None:
         kept = sum(s.rows for s in sinks.values())
         ctx.results.append(StageResult(stage, outdir, counts, stopped="unfinished: Ray was lost"))
-        (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "ray_lost", "detail": lost.detail,
-                                                  "counts": counts}, indent=2))
+        write_text_atomic(outdir / STOPPED, json.dumps({"stage": stage, "reason": "ray_lost", "detail": lost.detail,
+                                                        "counts": counts}, indent=2))
         raise RayLost(lost.detail, f"Ray was lost under the job ({lost.detail}); stage {stage}: {kept} finished "
                                    f"row(s) of {total} kept in {outdir}, the stage is not marked complete (a re-run "
                                    f"redoes it; answered requests come from the cache)") from None
     if halted is not None:
         counts["not_done"] = total - len(seen)
-        (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "provider_halted", "message": halted,
-                                                  "counts": counts}, indent=2))
+        write_text_atomic(outdir / STOPPED, json.dumps({"stage": stage, "reason": "provider_halted",
+                                                        "message": halted, "counts": counts}, indent=2))
         write_ledger(ctx, outdir)
         raise ProviderHalted(f"[{stage}] {halted}")
     return counts
@@ -454,7 +453,7 @@ def format_reasons(reasons: dict[str, int] | Counter, n: int = 3) -> str:
 
 
 def stop_for_budget(ctx: JobContext, outdir: Path, stage: str, counts: dict) -> None:
-    (outdir / STOPPED).write_text(json.dumps({"stage": stage, "reason": "budget", "counts": counts}, indent=2))
+    write_text_atomic(outdir / STOPPED, json.dumps({"stage": stage, "reason": "budget", "counts": counts}, indent=2))
     write_ledger(ctx, outdir)
     raise BudgetExceeded(
         f"stage '{stage}' stopped with {counts.get('budget_stopped', 0)} row(s) not done; finished rows are in {outdir}"

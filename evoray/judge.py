@@ -52,36 +52,35 @@ import pyarrow as pa
 from .config import JudgeConfig
 from .errors import ParseError, StopJob, ProviderError, RetriesExhausted
 from .prompts.judge import PAIR_MAX, PAIR_MIN, build_judge_repair_request, build_judge_request, question_text
-from .providers.base import parse_json_reply
-from .rating import _THINK, _clean, _in_range, _number, run_bounded
+from .parsing import NUM, clean, in_range, number, parse_reply
+from .rating import run_bounded
 from .schema import make_id
 
 OUTCOMES = ("win", "tie", "lose")
 RESULTS = ("Win", "Tie", "Lose")
 
-_NUM = r"[0-9]+(?:\.[0-9]+)?"
 _SCALE = r"(?:\s*/\s*10(?:\.0+)?|\s+out\s+of\s+10)?"
-_PAIR_LINE = re.compile(rf"^(?:scores?\s*[:：]?\s*)?(?P<a>{_NUM}){_SCALE}\s*(?:,|;|\s|\band\b|vs\.?)\s*(?P<b>{_NUM}){_SCALE}\s*\.?$", re.I)
+_PAIR_LINE = re.compile(rf"^(?:scores?\s*[:：]?\s*)?(?P<a>{NUM}){_SCALE}\s*(?:,|;|\s|\band\b|vs\.?)\s*(?P<b>{NUM}){_SCALE}\s*\.?$", re.I)
 _LABEL = re.compile(
     rf"(?:^|[,;]\s*|\s{{2,}})[*_`]*assistant\s*(?P<who>[12])[*_`]*(?:'s)?(?:\s+score)?[*_`]*\s*(?::|：|=|-)?\s*[*_`]*\s*"
-    rf"(?P<n>{_NUM})[*_`]*(?P<scale>{_SCALE})(?P<after>\s*[0-9./]?)",
+    rf"(?P<n>{NUM})[*_`]*(?P<scale>{_SCALE})(?P<after>\s*[0-9./]?)",
     re.I,
 )
 
 
 _PAIR_JSON_HEAD = re.compile(
-    rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score_1"\s*:\s*"?(?P<a>-?{_NUM})"?\s*,\s*"score_2"\s*:\s*"?(?P<b>-?{_NUM})"?\s*[,}}]',
+    rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score_1"\s*:\s*"?(?P<a>-?{NUM})"?\s*,\s*"score_2"\s*:\s*"?(?P<b>-?{NUM})"?\s*[,}}]',
     re.I)
 
 
 def _pair_score(value: Any) -> float | None:
-    return _in_range(value, PAIR_MIN, PAIR_MAX)
+    return in_range(value, PAIR_MIN, PAIR_MAX)
 
 
 def _both(a: Any, b: Any, what: str, raw: str) -> tuple[float, float]:
     """Both scores, or ParseError: ``unparseable`` when one is not a number, ``out_of_range`` when
     a number is off the 1-10 scale."""
-    n1, n2 = _number(a), _number(b)
+    n1, n2 = number(a), number(b)
     if n1 is None or n2 is None:
         raise ParseError(f"{what} {a!r}, {b!r} are not both numbers", raw=raw)
     s1, s2 = _pair_score(n1), _pair_score(n2)
@@ -106,24 +105,12 @@ def _pair_from_object(obj: Any, raw: str) -> tuple[float, float]:
     return _both(a, b, "the JSON scores", raw)
 
 
-def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]:
-    """(score of Assistant 1, score of Assistant 2) from a judge reply, or :class:`ParseError`."""
-    raw = text or ""
-    if parsed_json is not None:
-        return _pair_from_object(parsed_json, raw)
-    body = _THINK.sub("", raw).strip()
-    if not body:
-        raise ParseError("empty reply", raw=raw)
-    if body.startswith("{") or body.startswith("```"):
-        obj = parse_json_reply(body)
-        if obj is not None:
-            return _pair_from_object(obj, raw)
-        head = _PAIR_JSON_HEAD.match(body)
-        if head:  # cut off after the two scores: the scores themselves are whole
-            return _both(head.group("a"), head.group("b"), "the JSON scores", raw)
-        if body.startswith("{"):
-            raise ParseError("the reply starts like JSON but is not a JSON object", raw=raw)
-    lines = [_clean(ln) for ln in body.splitlines() if ln.strip()]
+def _pair_from_head(head: re.Match[str], raw: str) -> tuple[float, float]:
+    return _both(head.group("a"), head.group("b"), "the JSON scores", raw)
+
+
+def _pair_from_text(body: str, raw: str) -> tuple[float, float]:
+    lines = [clean(ln) for ln in body.splitlines() if ln.strip()]
     m = _PAIR_LINE.match(lines[0])
     if m:
         return _both(m.group("a"), m.group("b"), "the scores on the first line,", raw)
@@ -141,6 +128,16 @@ def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]
             raise ParseError("the reply does not name exactly one score for each assistant", raw=raw)
         return _both(found["1"][0], found["2"][0], "the scores", raw)
     raise ParseError("no pair of scores on the first line", raw=raw)
+
+
+def parse_pair(text: str | None, parsed_json: Any = None) -> tuple[float, float]:
+    """(score of Assistant 1, score of Assistant 2) from a judge reply, or :class:`ParseError`.
+
+    The reading order and the failure kinds are :func:`evoray.parsing.parse_reply`'s, shared with
+    the rater."""
+    return parse_reply(text, parsed_json, from_object=_pair_from_object, json_head=_PAIR_JSON_HEAD,
+                       from_head=_pair_from_head, not_json="the reply starts like JSON but is not a JSON object",
+                       from_text=_pair_from_text)
 
 
 def outcome(s_a: float, s_b: float) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Price
+from .io import write_text_atomic
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Ledger:
         return led
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def summary_lines(self) -> list[str]:
         lines = []

@@ -29,6 +29,8 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .io import write_text_atomic
+
 _P = (1 << 61) - 1
 DEFAULT_SAMPLE_ROWS = 10_000
 DEFAULT_MINHASH_ROWS = 2_000
@@ -259,7 +261,7 @@ def write_evolve_measures(input_path: Path, evolved_path: Path | None, outdir: P
 
     rounds = evolve_round_measures(seeds(), evolved(), seed=seed)
     p = outdir / "measures.json"
-    p.write_text(json.dumps({"rounds": rounds}, indent=2) + "\n")
+    write_text_atomic(p, json.dumps({"rounds": rounds}, indent=2) + "\n")
     return p
 
 

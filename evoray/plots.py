@@ -93,13 +93,16 @@ def failure_rate_plot(history_steps: Iterable[Any], path: str | Path, title: str
 
     A step is a mapping with ``candidates`` (numbers, or mappings with ``failure_rate``) and
     optionally ``step`` (x value; default its position) and ``failure_rate`` / ``best_failure_rate``
-    (the step's chosen rate; default the lowest candidate). A bare number is a step with only that
-    rate (for example the initial method at step 0).
+    (the step's best rate; default the lowest candidate). A bare number is a step with only that
+    rate (for example the initial method at step 0). Steps that carry ``chosen_failure_rate`` (the
+    optimizer's history) also get the chosen candidate's rate as a second line.
     """
     xs_pts: list[float] = []
     ys_pts: list[float] = []
     xs_best: list[float] = []
     ys_best: list[float] = []
+    xs_chosen: list[float] = []
+    ys_chosen: list[float] = []
     for pos, step in enumerate(history_steps):
         if isinstance(step, Mapping):
             x = step.get("step", pos)
@@ -109,6 +112,10 @@ def failure_rate_plot(history_steps: Iterable[Any], path: str | Path, title: str
                 best = step.get("failure_rate") if not rates else None
             if best is None and rates:
                 best = min(rates)
+            chosen = _rate_of({"rate": step.get("chosen_failure_rate")})
+            if chosen is not None:
+                xs_chosen.append(x)
+                ys_chosen.append(chosen)
         else:
             x, rates, best = pos, [], _rate_of(step)
         xs_pts.extend([x] * len(rates))
@@ -120,8 +127,10 @@ def failure_rate_plot(history_steps: Iterable[Any], path: str | Path, title: str
     ax = fig.add_subplot()
     if xs_pts:
         ax.scatter(xs_pts, ys_pts, s=18, color="#9bb7d4", label="candidates", zorder=2)
+    if xs_chosen:
+        ax.plot(xs_chosen, ys_chosen, marker=".", linestyle=":", color="#7d7d7d", label="chosen", zorder=3)
     if xs_best:
-        ax.plot(xs_best, ys_best, marker="o", color="#2b5d8a", label="best", zorder=3)
+        ax.plot(xs_best, ys_best, marker="o", color="#2b5d8a", label="best", zorder=4)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("failure rate")
@@ -132,6 +141,22 @@ def failure_rate_plot(history_steps: Iterable[Any], path: str | Path, title: str
     else:
         ax.text(0.5, 0.5, "no steps", transform=ax.transAxes, ha="center", va="center")
     return _save(fig, path)
+
+
+def optimize_failure_rate_plot(history: Mapping[str, Any], path: str | Path,
+                               title: str = "Evolution failure rate") -> Path:
+    """failure_rate.png of an optimize stage from its ``history.json`` (``OptimizeResult.summary()``):
+    the initial method's rate at step 0, then every step's candidates, chosen and best rate.
+
+    The one chart of the optimizer's failure rate: the optimizer draws it when it writes its outputs
+    and the report draws it again when the PNG is missing.
+    """
+    pts: list[Any] = []
+    base = history.get("baseline_failure_rate")
+    if base is not None:
+        pts.append({"step": 0, "failure_rate": base, "chosen_failure_rate": base, "candidates": []})
+    pts += list(history.get("steps") or [])
+    return failure_rate_plot(pts, path, title=title)
 
 
 def measures_plot(points: Iterable[Mapping[str, Any]], path: str | Path, x: str = "round",
@@ -165,4 +190,4 @@ def measures_plot(points: Iterable[Mapping[str, Any]], path: str | Path, x: str 
     return _save(fig, path)
 
 
-__all__ = ["failure_rate_plot", "measures_plot", "score_histogram", "wtl_bar_chart"]
+__all__ = ["failure_rate_plot", "measures_plot", "optimize_failure_rate_plot", "score_histogram", "wtl_bar_chart"]

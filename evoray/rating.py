@@ -7,7 +7,8 @@ batch with bounded concurrency (``await rater.rate_batch(rows, concurrency)``); 
 escapes (the budget is spent, or the provider was halted), because stopping is the job's decision,
 not a row's.
 
-What :func:`parse_score` accepts (and nothing else - no guessing):
+What :func:`parse_score` accepts (and nothing else - no guessing; the reading order and the two
+failure kinds are :mod:`evoray.parsing`'s, shared with the judge):
 
 1. a JSON object ``{"score": x, "explanation": "..."}``: the provider's parsed value, or the reply
    text itself when it *starts* with ``{`` or a fenced ```` ```json ```` block (a reply cut off
@@ -32,72 +33,34 @@ wanted.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from .config import RateConfig
 from .errors import ParseError, ProviderError, RetriesExhausted, StopJob
+from .parsing import NUM, clean, on_scale, parse_reply
+from .parsing import failure_reason as _failure_reason
 from .prompts.rating import SCORE_MAX, SCORE_MIN, build_rating_request, build_repair_request
-from .providers.base import parse_json_reply
 from .schema import result_row
 
-_NUM = r"[0-9]+(?:\.[0-9]+)?"
-_THINK = re.compile(r"^\s*<think>.*?</think>\s*", re.S | re.I)
-_LEAD = re.compile(r"^[\s#>*_`]*(?:-\s+)?[\s*_`]*")
-_TRAIL = re.compile(r"[\s*_`]+$")
-_ALONE = re.compile(rf"^(?P<n>{_NUM})\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?\s*\.?$", re.I)
+_ALONE = re.compile(rf"^(?P<n>{NUM})\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?\s*\.?$", re.I)
 _LABELLED = re.compile(
     rf"^(?:(?:[a-z]+\s+)?(?:score|rating)|accuracy|helpfulness)\s*(?:\((?:0\s*-\s*5|out\s+of\s+5)\))?"
-    rf"\s*(?::|：|=|-|is\b)?\s*[*_`]*\s*(?P<n>{_NUM})[*_`]*"
+    rf"\s*(?::|：|=|-|is\b)?\s*[*_`]*\s*(?P<n>{NUM})[*_`]*"
     rf"\s*(?:/\s*5(?:\.0+)?|out\s+of\s+5(?:\.0+)?)?(?P<rest>.*)$",
     re.I,
 )
-_OTHER_SCALE = re.compile(rf"^(?P<n>{_NUM})\s*(?:/|out\s+of)\s*(?P<d>{_NUM})\s*\.?$", re.I)
+_OTHER_SCALE = re.compile(rf"^(?P<n>{NUM})\s*(?:/|out\s+of)\s*(?P<d>{NUM})\s*\.?$", re.I)
 _BAD_REST = re.compile(r"^\s*(?:[0-9/%]|\.[0-9]|out\s+of)", re.I)
-_JSON_HEAD = re.compile(rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score"\s*:\s*"?(?P<n>-?{_NUM})"?\s*[,}}]', re.I)
+_JSON_HEAD = re.compile(rf'^\s*(?:```(?:json)?\s*)?\{{\s*"score"\s*:\s*"?(?P<n>-?{NUM})"?\s*[,}}]', re.I)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _clean(line: str) -> str:
-    """A line without markdown decoration around it (``**``, ``#``, a list dash, backticks)."""
-    return _TRAIL.sub("", _LEAD.sub("", line))
-
-
-def _number(value: Any) -> float | None:
-    """``value`` as a finite float when it is a real number (or a number written as text); None otherwise."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        v = value.strip()
-        if not re.fullmatch("-?" + _NUM, v):
-            return None
-        value = float(v)
-    if not isinstance(value, (int, float)):
-        return None
-    f = float(value)
-    return f if math.isfinite(f) else None
-
-
-def _in_range(value: Any, lo: float = SCORE_MIN, hi: float = SCORE_MAX) -> float | None:
-    """``value`` as a float when it is a real number within ``lo..hi``; None otherwise."""
-    f = _number(value)
-    if f is None or f < lo or f > hi:
-        return None
-    return f
-
-
 def _score(value: Any, what: str, raw: str) -> float:
-    """The score in ``value``, or ParseError: ``out_of_range`` for a number off the scale,
-    ``unparseable`` for something that is not a number."""
-    f = _number(value)
-    if f is None:
-        raise ParseError(f"{what} {value!r} is not a number", raw=raw)
-    if not SCORE_MIN <= f <= SCORE_MAX:
-        raise ParseError(f"{what} {f:g} is not on the {SCORE_MIN:g}-{SCORE_MAX:g} scale", raw=raw, kind="out_of_range")
-    return f
+    """The score in ``value`` on the 0-5 scale, or ParseError (:func:`evoray.parsing.on_scale`)."""
+    return on_scale(value, SCORE_MIN, SCORE_MAX, what, raw)
 
 
 def _from_object(obj: Any, raw: str) -> tuple[float, str]:
@@ -108,25 +71,13 @@ def _from_object(obj: Any, raw: str) -> tuple[float, str]:
     return score, "" if expl is None else str(expl).strip()
 
 
-def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
-    """(score, explanation) from a rater's reply, or :class:`ParseError` carrying the raw text."""
-    raw = text or ""
-    if parsed_json is not None:
-        return _from_object(parsed_json, raw)
-    body = _THINK.sub("", raw).strip()
-    if not body:
-        raise ParseError("empty reply", raw=raw)
-    if body.startswith("{") or body.startswith("```"):
-        obj = parse_json_reply(body)
-        if obj is not None:
-            return _from_object(obj, raw)
-        head = _JSON_HEAD.match(body)
-        if head:  # cut off after the score: the score itself is whole
-            return _score(head.group("n"), "the JSON score", raw), ""
-        if body.startswith("{"):
-            raise ParseError("the reply starts like JSON but is not a JSON object with a score", raw=raw)
+def _from_head(head: re.Match[str], raw: str) -> tuple[float, str]:
+    return _score(head.group("n"), "the JSON score", raw), ""
+
+
+def _from_text(body: str, raw: str) -> tuple[float, str]:
     lines = [ln for ln in body.splitlines() if ln.strip()]
-    first = _clean(lines[0])
+    first = clean(lines[0])
     m = _ALONE.match(first)
     if m:
         score = _score(m.group("n"), "the score on the first line,", raw)
@@ -136,7 +87,7 @@ def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
         raise ParseError(f"the first line {first[:40]!r} is a score on a 0-{other.group('d')} scale, not 0-5",
                          raw=raw, kind="out_of_range")
     for i, line in enumerate(lines[:2]):
-        m = _LABELLED.match(_clean(line))
+        m = _LABELLED.match(clean(line))
         if not m:
             continue
         if _BAD_REST.match(m.group("rest")):
@@ -151,12 +102,17 @@ def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
     raise ParseError("no score on the first line and no 'Score: x' in the first two lines", raw=raw)
 
 
+def parse_score(text: str | None, parsed_json: Any = None) -> tuple[float, str]:
+    """(score, explanation) from a rater's reply, or :class:`ParseError` carrying the raw text."""
+    return parse_reply(text, parsed_json, from_object=_from_object, json_head=_JSON_HEAD, from_head=_from_head,
+                       not_json="the reply starts like JSON but is not a JSON object with a score",
+                       from_text=_from_text)
+
+
 def failure_reason(error: ParseError | None) -> str:
     """A failed row's reason after the last unusable reply: ``unparseable reply``, or
     ``score out of range: ...`` naming the number and the scale."""
-    if error is not None and error.kind == "out_of_range":
-        return f"score out of range: {error.message}"
-    return "unparseable reply"
+    return _failure_reason(error, "score")
 
 
 async def run_bounded(fn: Callable[[T], Awaitable[R]], items: Sequence[T], concurrency: int) -> list[R]:

@@ -22,10 +22,11 @@ import base64
 import datetime as _dt
 import html
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from .io import write_text_atomic
 
 REPORT_NAME = "report.html"
 STAGE_ORDER = ("ingest", "optimize", "evolve", "answer", "rate", "judge")
@@ -389,13 +390,9 @@ def _section_optimization(ctx: _Ctx) -> str:
         parts.append(_not_run("history.json holds no steps."))
 
     def draw(p: Path):
-        from .plots import failure_rate_plot
+        from .plots import optimize_failure_rate_plot
 
-        pts: list[Any] = []
-        if hist.get("baseline_failure_rate") is not None:
-            pts.append({"step": 0, "failure_rate": hist["baseline_failure_rate"], "candidates": []})
-        pts += steps
-        failure_rate_plot(pts, p)
+        optimize_failure_rate_plot(hist, p)
 
     png = ctx.chart(d, "failure_rate.png", draw)
     msteps = _measure_points(d, "steps") or [{"step": s.get("step"), **s["measures"]} for s in steps
@@ -619,10 +616,7 @@ def write_report(outdir: str | Path) -> Path:
         raise UsageError(f"{out}: no such output folder")
     text = render_report(out)
     path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.partial"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, text)
 
 
 __all__ = ["SECTIONS", "esc", "find_stages", "render_report", "write_report"]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .config import ROLES, JobConfig
 from .errors import ConfigError
+from .providers import runs_locally
 
 #: CPUs Ray Data's largest task in a pool stage asks for (the repartition, Ray Data's default)
 RAY_DATA_TASK_CPUS = 1.0
@@ -40,7 +41,7 @@ class Part:
 def local_providers(config: JobConfig):
     """The ``kind: local`` providers some role uses: the job starts their replicas."""
     used = {p.name for r in ROLES for p in config.providers_for(r)}
-    return [p for p in config.providers if p.kind == "local" and p.name in used]
+    return [p for p in config.providers if runs_locally(p) and p.name in used]
 
 
 def replica_parts(config: JobConfig) -> list[Part]:

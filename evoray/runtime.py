@@ -11,7 +11,7 @@ from __future__ import annotations
 from .cache import ResponseCache
 from .client import Gate, LLMClient
 from .config import JobConfig
-from .providers import build_provider
+from .providers import build_provider, runs_locally
 from .providers.base import Provider
 
 
@@ -20,7 +20,7 @@ def build_providers(config: JobConfig, names: set[str], local_replicas: dict[str
     for p in config.providers:
         if p.name not in names:
             continue
-        if p.kind == "local":
+        if runs_locally(p):
             out[p.name] = build_provider(p, replicas=(local_replicas or {}).get(p.name))
         else:
             out[p.name] = build_provider(p)

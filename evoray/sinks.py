@@ -18,6 +18,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .io import remove_stale_temps, temp_path
+
 
 class TableSink:
     def __init__(self, directory: str | Path, name: str, fmt: str, schema: pa.Schema, row_group_rows: int = 4096):
@@ -26,7 +28,10 @@ class TableSink:
         self.fmt = fmt
         self.schema = schema
         self.path = self.dir / f"{name}.{fmt}"
-        self.tmp = self.dir / f".{name}.{fmt}.partial"
+        if fmt not in ("parquet", "jsonl"):
+            raise ValueError(f"unknown table format '{fmt}' (parquet or jsonl)")
+        remove_stale_temps(self.path)  # a killed earlier run's partial file (one stage writes a table)
+        self.tmp = temp_path(self.path)  # the atomic-write naming rule of evoray.io
         self.rows = 0
         self.row_group_rows = row_group_rows
         self._buf: list[pa.Table] = []
@@ -35,10 +40,8 @@ class TableSink:
         self._fh = None
         if fmt == "parquet":
             self._pq = pq.ParquetWriter(self.tmp, schema)
-        elif fmt == "jsonl":
-            self._fh = open(self.tmp, "w", encoding="utf-8")
         else:
-            raise ValueError(f"unknown table format '{fmt}' (parquet or jsonl)")
+            self._fh = open(self.tmp, "w", encoding="utf-8")
 
     def write(self, table: pa.Table | pa.RecordBatch | list[dict]) -> None:
         if isinstance(table, list):

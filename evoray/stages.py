@@ -24,7 +24,7 @@ from .jobs import (STOPPED, JobContext, StageResult, _hash_file, clear_marker, c
                    format_reasons, prepare_input, reason_key, run_pool_stage, stop_for_budget, write_canonical, write_ledger,
                    write_marker)
 from .schema import RESULT_SCHEMA
-from .io import parquet_stream, read_table
+from .io import parquet_stream, read_table, write_text_atomic
 from .sinks import TableSink, find_table
 
 log = logging.getLogger("evoray")
@@ -69,8 +69,8 @@ def check_failed_share(ctx: JobContext, result: StageResult) -> None:
     if not done or failed / done <= limit:
         return
     reasons = format_reasons(result.counts.get("failure_reasons") or {})
-    (result.outdir / STOPPED).write_text(json.dumps({"stage": result.stage, "reason": "too_many_failed",
-                                                     "counts": result.counts}, indent=2))
+    write_text_atomic(result.outdir / STOPPED, json.dumps({"stage": result.stage, "reason": "too_many_failed",
+                                                           "counts": result.counts}, indent=2))
     where = next((str(p) for p in (result.outdir / "failed.parquet", result.outdir / "failed.jsonl") if p.exists()),
                  str(result.outdir))
     result.failed_job = True
@@ -268,7 +268,7 @@ def stage_rate(ctx: JobContext, input_src: str | None, outdir: Path) -> StageRes
             sink.write(t.filter(pc.is_in(t.column("id"), value_set=base)).to_pylist())
         sink.close()
         counts["random_baseline"] = sink.rows
-    (outdir / "scores.json").write_text(json.dumps({
+    write_text_atomic(outdir / "scores.json", json.dumps({
         "buckets": buckets, "kept": counts["kept"], "rejected": counts["rejected"], "failed": counts.get("failed", 0),
         "threshold": cfg.rate.threshold, "top_k": cfg.rate.top_k, "dimension": cfg.rate.dimension,
         "input": counts["input"], **_target_fields(cfg.rate, counts),
@@ -298,7 +298,7 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
                                   _providers_fp(cfg, "evol"), cfg.output.format)
     if done is not None:
         return done
-    (outdir / "method.txt").write_text(method.text)
+    write_text_atomic(outdir / "method.txt", method.text)
     counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
                             cfg.ray.evolver_actors, extra={"method": method.to_dict()})
     _check_accounted("evolve", counts, ["evolved", "failed"])
@@ -412,7 +412,7 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
         sink.close()
         judgments += unmatched
     summary = summarize(judgments, test_sets=j.test_sets or None)
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(outdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     wtl_bar_chart(summary, outdir / "wtl.png")
     counts["judgments"] = len(judgments)
     counts["unmatched"] = len(unmatched)

@@ -459,6 +459,60 @@ def test_write_is_atomic(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["t.parquet"]
 
 
+def test_atomic_path_success_replaces_the_target(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with io.atomic_path(path) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".a.txt.") and tmp.name.endswith(".partial")
+        tmp.write_text("new")
+        assert path.read_text() == "old"  # nothing visible until the block ends
+    assert path.read_text() == "new"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_atomic_path_error_leaves_no_tmp_and_no_target(tmp_path):
+    path = tmp_path / "a.txt"
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_error_keeps_the_old_target(tmp_path):
+    path = tmp_path / "a.json"
+    io.write_json_atomic(path, {"v": 1})
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(path) as tmp:
+            tmp.write_text("{")
+            raise KeyboardInterrupt
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_atomic_path_directory(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    (out / "stale.txt").write_text("x")
+    with io.atomic_path(out, directory=True) as tmp:
+        assert tmp.is_dir()
+        (tmp / "new.txt").write_text("y")
+    assert sorted(f.name for f in out.iterdir()) == ["new.txt"]
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(out, directory=True) as tmp:
+            (tmp / "half.txt").write_text("z")
+            raise RuntimeError("boom")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ds"]
+    assert sorted(f.name for f in out.iterdir()) == ["new.txt"]
+
+
+def test_write_text_and_json_atomic(tmp_path):
+    assert io.write_text_atomic(tmp_path / "t.txt", "héllo\n").read_text(encoding="utf-8") == "héllo\n"
+    io.write_json_atomic(tmp_path / "j.json", {"a": [1, 2]}, indent=2)
+    assert (tmp_path / "j.json").read_text() == json.dumps({"a": [1, 2]}, indent=2)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["j.json", "t.txt"]
+
+
 def test_table_path_and_bad_extension(tmp_path):
     assert io.table_path("out", "rejected", "jsonl") == Path("out/rejected.jsonl")
     with pytest.raises(UsageError):
@@ -508,6 +562,23 @@ def test_table_sink_packs_small_batches_into_row_groups_and_aborts_cleanly(tmp_p
     dead.write([{"id": "x", "n": 1}])
     dead.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.parquet"]
+
+
+def test_table_sink_rerun_removes_a_killed_runs_partial_file(tmp_path):
+    import pyarrow as pa
+
+    from evoray.sinks import TableSink
+
+    schema = pa.schema([("id", pa.string())])
+    killed = TableSink(tmp_path, "t", "jsonl", schema)  # never closed nor aborted: the process died
+    killed.write([{"id": "a"}])
+    other = io.temp_path(tmp_path / "t2.jsonl")  # another table's partial file is not touched
+    assert killed.tmp.exists()
+    again = TableSink(tmp_path, "t", "jsonl", schema)
+    assert not killed.tmp.exists() and again.tmp.exists()
+    again.write([{"id": "b"}])
+    again.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["t.jsonl", other.name])
 
 
 def test_parquet_stream_reads_one_row_group_at_a_time(tmp_path):

@@ -656,3 +656,27 @@ async def test_max_tokens_switches_to_max_completion_tokens_when_refused(server)
     assert out.text == "fine" and srv.stats()["profile_rejected"] == 1
     assert bodies[-1].get("max_completion_tokens") == 77 and "max_tokens" not in bodies[-1]
     assert client.providers["o"].choices["max_tokens_field"] == "max_completion_tokens"
+
+
+# ---- what callers ask about a kind: class attributes, through the registry ----------------------------
+
+def test_provider_kinds_answer_what_callers_ask():
+    from evoray.gate import provider_identity
+    from evoray.providers import provider_class, provider_kinds, runs_locally
+
+    assert list(provider_kinds()) == ["openai", "anthropic", "local"]
+    openai, anthropic, local = (provider_class(k) for k in ("openai", "anthropic", "local"))
+    assert (openai.default_key_env, anthropic.default_key_env, local.default_key_env) == (
+        "OPENAI_API_KEY", "ANTHROPIC_API_KEY", None)
+    assert [c.runs_locally for c in (openai, anthropic, local)] == [False, False, True]
+    assert [c.counts_with_tiktoken for c in (openai, anthropic, local)] == [True, False, False]
+    assert ProviderConfig(name="a", kind="anthropic", model="m").key_env == "ANTHROPIC_API_KEY"
+    assert ProviderConfig(name="l", kind="local").key_env is None
+    loc = ProviderConfig(name="l", kind="local")
+    assert runs_locally(loc) and provider_identity(loc, "job") == provider_identity(loc, "job")
+    assert provider_identity(loc, "job") != provider_identity(ProviderConfig(name="l2", kind="local"), "job")
+    with pytest.raises(ValueError, match="base_url is for kind openai/anthropic, not local"):
+        ProviderConfig(name="l", kind="local", base_url="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="kind anthropic has no json_object mode: use structured_output auto, "
+                                         "json_schema or none"):
+        ProviderConfig(name="a", kind="anthropic", model="m", structured_output="json_object")

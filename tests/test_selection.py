@@ -128,6 +128,19 @@ def test_failure_rate_plot_png(tmp_path):
     assert empty.stat().st_size > 0
 
 
+def test_optimize_failure_rate_plot_from_history(tmp_path):
+    from evoray.plots import optimize_failure_rate_plot
+
+    hist = {"baseline_failure_rate": 0.4,
+            "steps": [{"step": 1, "candidates": [{"failure_rate": 0.3}, {"failure_rate": 0.5}],
+                       "chosen_failure_rate": 0.3, "best_failure_rate": 0.3},
+                      {"step": 2, "candidates": [{"failure_rate": 0.35}], "chosen_failure_rate": 0.35,
+                       "best_failure_rate": 0.3}]}
+    p = optimize_failure_rate_plot(hist, tmp_path / "failure_rate.png")
+    assert p.exists() and p.stat().st_size > 1000 and p.read_bytes()[:8] == PNG
+    assert optimize_failure_rate_plot({}, tmp_path / "none.png").stat().st_size > 0
+
+
 @pytest.mark.parametrize("top_k", [None, 0, 1, 37, 250, 999, 5000])
 def test_streamed_rule_over_arrow_batches_matches_select(top_k):
     """The rate stage applies the rule batch by batch to Arrow columns: same rows as select()."""

@@ -46,6 +46,7 @@ from typing import Any, Awaitable, Callable, Iterable, NamedTuple, Sequence
 
 from ..config import EvolveConfig, OptimizeConfig
 from ..errors import StopJob, InputError, ParseError, ProviderError, RetriesExhausted
+from ..io import write_text_atomic
 from ..measures import trajectory_measures
 from ..prompts.optimizer import analysis_messages, format_trajectories, optimization_messages
 from ..providers.base import Request
@@ -423,40 +424,11 @@ class Optimizer:
 # ---- outputs -----------------------------------------------------------------------------------
 
 def plot_failure_rate(result: OptimizeResult, path: str | Path) -> Path:
-    """failure_rate.png: the chosen candidate's failure rate per step (step 0 = the initial method)
-    as a line, every candidate as a point, the best rate so far dashed."""
-    import matplotlib
+    """failure_rate.png: the chart of :func:`evoray.plots.optimize_failure_rate_plot` (the one the
+    report draws too) of this result's history; step 0 is the initial method."""
+    from ..plots import optimize_failure_rate_plot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    xs, ys = [0], [result.baseline_failure_rate]
-    best_x, best_y = [0], [result.baseline_failure_rate]
-    cx, cy = [], []
-    for step in result.history:
-        for cand in step["candidates"]:
-            cx.append(step["step"])
-            cy.append(cand["failure_rate"])
-        if step["chosen_failure_rate"] is not None:
-            xs.append(step["step"])
-            ys.append(step["chosen_failure_rate"])
-        best_x.append(step["step"])
-        best_y.append(step["best_failure_rate"])
-    ax.scatter(cx, cy, s=18, alpha=0.5, color="tab:gray", label="candidates")
-    ax.plot(xs, ys, marker="o", color="tab:blue", label="chosen")
-    ax.plot(best_x, best_y, linestyle="--", color="tab:green", label="best so far")
-    ax.set_xlabel("optimization step (0 = initial method)")
-    ax.set_ylabel("failure rate on the dev set")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_xticks(range(0, len(result.history) + 1))
-    ax.legend(loc="best")
-    ax.set_title("Auto Evol-Instruct: failure rate per step")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return optimize_failure_rate_plot(result.summary(), path)
 
 
 def write_history(result: OptimizeResult, outdir: str | Path, extra: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -469,12 +441,9 @@ def write_history(result: OptimizeResult, outdir: str | Path, extra: dict[str, A
     summary = {**result.summary(), **(extra or {})}
     steps = [{"step": s["step"], "method_id": s.get("method_id"), **s["measures"]}
              for s in result.history if s.get("measures")]
-    for path, text in ((paths["history"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n"),
-                       (paths["best_method"], result.best_method.text),
-                       (paths["measures"], json.dumps({"steps": steps}, indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    write_text_atomic(paths["history"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(paths["best_method"], result.best_method.text)
+    write_text_atomic(paths["measures"], json.dumps({"steps": steps}, indent=2) + "\n")
     return paths
 
 

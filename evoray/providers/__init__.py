@@ -16,9 +16,21 @@ def register(kind: str, cls: type[Provider]) -> None:
 
 
 def provider_class(kind: str) -> type[Provider]:
+    """The class of a provider kind: what callers ask about a kind (``runs_locally``,
+    ``default_key_env``, ``supports_json_schema``...) is a class attribute of it."""
     if kind not in _REGISTRY:
         raise ConfigError(f"unknown provider kind '{kind}' (known: {', '.join(sorted(_REGISTRY))})")
     return _REGISTRY[kind]
+
+
+def provider_kinds() -> dict[str, type[Provider]]:
+    """Every registered kind and its class, in registration order."""
+    return dict(_REGISTRY)
+
+
+def runs_locally(config: ProviderConfig) -> bool:
+    """Whether the provider entry's model runs inside the job (see ``Provider.runs_locally``)."""
+    return provider_class(config.kind).runs_locally
 
 
 def build_provider(config: ProviderConfig, **kwargs) -> Provider:
@@ -37,4 +49,5 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
-__all__ = ["Completion", "Provider", "Request", "build_provider", "register", "provider_class"]
+__all__ = ["Completion", "Provider", "Request", "build_provider", "provider_class", "provider_kinds", "register",
+           "runs_locally"]

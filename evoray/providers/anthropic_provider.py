@@ -82,6 +82,8 @@ def to_anthropic_messages(messages: list[dict[str, str]]) -> tuple[str | None, l
 class AnthropicProvider(SDKProvider):
     kind = "anthropic"
     supports_json_schema = True
+    default_key_env = "ANTHROPIC_API_KEY"
+    structured_output_modes = ("json_schema", "none")
     extra_retryable = frozenset({529})  # "overloaded"
     capabilities = {"structured_output": ("json_schema", "none"), "sampling": ("temperature_top_p", "temperature")}
 

@@ -1,7 +1,8 @@
 """The one provider seam.
 
 A provider turns a :class:`Request` into a :class:`Completion` with one async method,
-``complete``. It states what it can do as class attributes (``kind``, ``supports_json_schema``,
+``complete``. It states what it can do as class attributes (``kind``, ``supports_json_schema``, ``runs_locally``,
+``default_key_env``, ...,
 ``needs_key``). Provider-specific code lives only in the modules of this package; everything else
 talks to :class:`Provider`.
 
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from ..config import ProviderConfig
+from ..tokens import estimate_input_tokens, estimate_request_tokens
 
 log = logging.getLogger("evoray")
 
@@ -46,12 +48,14 @@ class Request:
     def non_system(self) -> list[dict[str, str]]:
         return [m for m in self.messages if m["role"] != "system"]
 
-    def prompt_chars(self) -> int:
-        return sum(len(m["content"]) for m in self.messages)
-
     def estimate_input_tokens(self) -> int:
-        """Rough input tokens before the call: ~4 characters a token plus per-message framing."""
-        return self.prompt_chars() // 4 + 4 * len(self.messages) + 4
+        """Rough input tokens before the call (:func:`evoray.tokens.estimate_input_tokens`)."""
+        return estimate_input_tokens(self.messages)
+
+    def estimate_tokens(self) -> int:
+        """The most tokens this request may use, charged before the call
+        (:func:`evoray.tokens.estimate_request_tokens`)."""
+        return estimate_request_tokens(self.messages, self.max_tokens)
 
     def cache_payload(self) -> dict[str, Any]:
         d = asdict(self)
@@ -264,6 +268,17 @@ class Provider:
     kind: ClassVar[str] = "base"
     supports_json_schema: ClassVar[bool] = False
     needs_key: ClassVar[bool] = True
+    #: the environment variable holding the key when the config sets no ``api_key_env`` (None: no key)
+    default_key_env: ClassVar[str | None] = None
+    #: the model runs inside the job (replicas as Ray actors that reserve CPUs) rather than behind an
+    #: HTTP API: the job starts its replicas, and it is its own rate limit (no key shared with others)
+    runs_locally: ClassVar[bool] = False
+    #: ``base_url`` may point it at another (compatible) server
+    accepts_base_url: ClassVar[bool] = True
+    #: ``evoray estimate`` may count its tokens with tiktoken's encoding for the model name
+    counts_with_tiktoken: ClassVar[bool] = False
+    #: the ``structured_output`` values a config may pin (besides ``auto``)
+    structured_output_modes: ClassVar[tuple[str, ...]] = ("json_schema", "json_object", "none")
     #: field -> fallback chain (first = the auto default); subclasses override
     capabilities: ClassVar[dict[str, tuple[str, ...]]] = {}
 

@@ -129,6 +129,8 @@ class LocalProvider(Provider):
     kind = "local"
     supports_json_schema = True
     needs_key = False
+    runs_locally = True
+    accepts_base_url = False
     # llama.cpp turns the schema into a grammar (json_schema and json_object both mean that here)
     capabilities = {"structured_output": ("json_object", "none")}
 

@@ -53,6 +53,8 @@ def response_format(mode: str | None, schema: dict[str, Any] | None) -> dict[str
 class OpenAIProvider(SDKProvider):
     kind = "openai"
     supports_json_schema = True
+    default_key_env = "OPENAI_API_KEY"
+    counts_with_tiktoken = True
     capabilities = {
         "structured_output": ("json_schema", "json_object", "none"),
         "max_tokens_field": ("max_tokens", "max_completion_tokens"),

@@ -451,7 +451,8 @@ def _text_of(content: Any) -> str:
 
 
 def estimate_tokens(text: str) -> int:
-    """The fake's token estimate for one message or reply: ``len(text) // 4 + 1``."""
+    """The fake's token estimate for one message or reply: ``len(text) // 4 + 1`` (it imitates a server's
+    count; evoray's own estimate is :mod:`evoray.tokens`)."""
     return len(text) // 4 + 1
 
 
