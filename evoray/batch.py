@@ -58,7 +58,7 @@ from .cache import ResponseCache, cache_key
 from .config import BatchConfig
 from .errors import BudgetExceeded, ProviderError, RetriesExhausted
 from .gate import backoff_delay
-from .io import write_text_atomic
+from .files import write_text_atomic
 from .ledger import Ledger
 from .providers.base import Completion, Provider, Request
 from .providers.batch_api import BatchAPI, BatchStatus, LineResult, batch_api

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .io import write_json_atomic
+from .files import write_json_atomic
 from .providers.base import Completion, Request
 
 

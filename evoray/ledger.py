@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Price
-from .io import write_text_atomic
+from .files import write_text_atomic
 
 
 @dataclass
