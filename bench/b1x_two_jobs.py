@@ -82,8 +82,4 @@ def _rows_out(out) -> int:
 
 
 if __name__ == "__main__":
-    common.init_ray()
-    try:
-        run()
-    finally:
-        common.shutdown_ray()
+    common.main_with_ray(run)

@@ -147,8 +147,4 @@ def profile_run(srv, rows) -> str:
 
 
 if __name__ == "__main__":
-    common.init_ray()
-    try:
-        run()
-    finally:
-        common.shutdown_ray()
+    common.main_with_ray(run)

@@ -52,8 +52,4 @@ def run() -> list:
 
 
 if __name__ == "__main__":
-    common.init_ray()
-    try:
-        run()
-    finally:
-        common.shutdown_ray()
+    common.main_with_ray(run)

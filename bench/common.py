@@ -245,6 +245,15 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
+def main_with_ray(run) -> None:
+    """A benchmark script run on its own: ``run()`` under a local Ray started and stopped here."""
+    init_ray()
+    try:
+        run()
+    finally:
+        shutdown_ray()
+
+
 def provider(base_url: str, name: str = "fake", **kw: Any) -> dict:
     d = {"name": name, "kind": "openai", "model": "fake-model", "base_url": base_url, "max_attempts": 6,
          "backoff_base_s": 0.05, "backoff_max_s": 1.0, "timeout_s": 30}

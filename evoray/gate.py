@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from .config import ProviderConfig
 from .errors import BudgetExceeded, ConfigError
 from .ledger import Ledger
-from .limiter import KeyGate, LimitSpec, LocalKeyLink, PermitPool, key_identity, new_client_id
+from .limiter import ChangeSignal, KeyGate, LimitSpec, LocalKeyLink, PermitPool, key_identity, new_client_id
 from .providers import runs_locally
 
 
@@ -71,7 +71,7 @@ class Grant:
     slot: int | None = None  # max_concurrency slot id
 
 
-class Gatekeeper:
+class Gatekeeper(ChangeSignal):
     """The job's side: ledger, budget, failover cool-downs and ``max_concurrency`` slots.
 
     In-process it also owns the key gates of its providers (:meth:`key_link`); in a Ray job the
@@ -155,15 +155,6 @@ class Gatekeeper:
         return until - now
 
     # ---- max_concurrency --------------------------------------------------------------------------
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
 
     def _reap(self, provider: str, now: float) -> None:
         cfg = self.configs[provider]

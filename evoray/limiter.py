@@ -439,7 +439,24 @@ def _pct(xs, q: float) -> float:
     return v[min(len(v) - 1, int(len(v) * q))]
 
 
-class KeyGate:
+class ChangeSignal:
+    """Wake every waiter when the state changes: ``await self._event().wait()`` parks until the next
+    :meth:`_notify` (one event per change, made on demand)."""
+
+    _changed: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+
+class KeyGate(ChangeSignal):
     """Grants leases of permits for one key to many clients (see the module docstring).
 
     ``clock`` defaults to the running loop's time (a virtual clock in tests). ``restarted``: this
@@ -519,16 +536,6 @@ class KeyGate:
             self._revoke()  # a stricter job joined: permits out at the old rate are dropped
         self._notify()
 
-    # ---- events ---------------------------------------------------------------------------------
-    def _event(self) -> asyncio.Event:
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        return self._changed
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
 
     def _revoke(self) -> None:
         self.epoch += 1
