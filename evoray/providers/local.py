@@ -71,14 +71,7 @@ def load_llama(path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None
         return load()
     with _LOAD_LOCK:
         default = lib.llama_model_default_params
-
-        def params():
-            p = default()
-            if hasattr(p, "use_extra_bufts"):
-                p.use_extra_bufts = False
-            return p
-
-        lib.llama_model_default_params = params
+        lib.llama_model_default_params = without_extra_buffers(default)
         try:
             return load()
         finally:
@@ -86,6 +79,19 @@ def load_llama(path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None
 
 
 _LOAD_LOCK = threading.Lock()
+
+
+def without_extra_buffers(default):
+    """llama.cpp's model-parameter defaults with its extra (AMX) buffer types off (``default``: the
+    bindings' ``llama_model_default_params``); what ``extra_buffers: false`` loads with."""
+
+    def params():
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+
+    return params
 
 
 class LocalEngine:

@@ -28,15 +28,9 @@ from pathlib import Path
 def _disable_extra_buffers() -> None:
     import llama_cpp.llama_cpp as lib  # the ctypes bindings, where Llama() looks the function up
 
-    default = lib.llama_model_default_params
+    from ..providers.local import without_extra_buffers
 
-    def params():
-        p = default()
-        if hasattr(p, "use_extra_bufts"):
-            p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
+    lib.llama_model_default_params = without_extra_buffers(lib.llama_model_default_params)
 
 
 def main(argv: list[str] | None = None) -> None:
