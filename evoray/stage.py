@@ -52,13 +52,20 @@ class Stage(Protocol):
 
     name: str
     roles: tuple[str, ...]
-    routes: dict[str, str]
-    tables: tuple[str, ...]
-    pool_key: str | None
+    routes: dict[str, str]  # row status -> output table
+    tables: tuple[str, ...]  # every table the stage writes
+    worker: Callable[..., Any] | None  # factory(config, clients, extra) -> async fn(row), or None
+    pool_key: str | None  # the ray.* key that sizes its actors, or None
 
     def run(self, ctx, input_src: str | None, outdir: Path, **options) -> Any: ...
 
     def estimate(self, builder, st, rows, state) -> Any: ...
+
+    def report_section(self, ctx) -> str | None: ...
+
+    def next_input(self, outdir: Path, fmt: str, current: str) -> str: ...
+
+    def hand_on(self, result, outdir: Path) -> dict: ...
 
 
 @dataclass
@@ -110,8 +117,9 @@ class StageDef:
     def estimate(self, builder, st, rows, state):
         return self.estimator(builder, st, rows, state)
 
-    def report_section(self) -> ReportSection | None:
-        return self.report
+    def report_section(self, ctx) -> str | None:
+        """The HTML of the stage's section of ``report.html`` (None: the stage has none)."""
+        return self.report.build(ctx) if self.report is not None else None
 
     def pool_size(self, config) -> int:
         if self.pool_sizer is not None:
