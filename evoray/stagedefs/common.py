@@ -5,17 +5,14 @@ pipeline stage (a table as canonical Parquet)."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from ..config import JobConfig
 from ..errors import StageFailed
 from ..io import read_table, write_text_atomic
-from ..jobs import (STOPPED, JobContext, StageResult, _hash_file, clear_marker, done_marker, fingerprint, format_reasons,
-                    prepare_input, stop_for_budget, write_canonical, write_ledger, write_marker)
+from ..jobs import (STOPPED, JobContext, StageResult, _hash_file, clear_marker, done_marker, fingerprint,
+                    format_reasons, prepare_input, stop_for_budget, write_canonical, write_ledger, write_marker)
 from ..sinks import find_table
-
-log = logging.getLogger("evoray")
 
 
 def _providers_fp(config: JobConfig, role: str) -> list:
