@@ -11,6 +11,9 @@ from ..stage import Command, StageDef, register
 from ..workers import answer_worker
 from .common import _begin, _check_accounted, _finish, _providers_fp, _say, feed
 
+#: row status -> the table it goes to
+ROUTES = {"answered": "answered", "failed": "failed"}
+
 
 def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageResult:
     cfg = ctx.config
@@ -18,8 +21,8 @@ def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageR
                                   _providers_fp(cfg, "answer"), cfg.output.format)
     if done is not None:
         return done
-    counts = stage_runner(ctx, "answer")(ctx, "answer", "answer", input_path, outdir, {"answered": "answered", "failed": "failed"},
-                            cfg.ray.evolver_actors)
+    counts = stage_runner(ctx, "answer")(ctx, "answer", "answer", input_path, outdir, ROUTES,
+                                         STAGE.pool_size(cfg))
     _check_accounted("answer", counts, ["answered", "failed"])
     _say(ctx, f"[answer] answered {counts.get('answered', 0)}, failed {counts.get('failed', 0)} -> {outdir}")
     fmt = cfg.output.format
@@ -28,7 +31,7 @@ def stage_answer(ctx: JobContext, input_src: str | None, outdir: Path) -> StageR
 
 STAGE = register(StageDef(
     name="answer", roles=("answer",), driver=stage_answer, estimator=estimate_answer,
-    routes={"answered": "answered", "failed": "failed"}, tables=("answered", "failed"),
+    routes=ROUTES, tables=("answered", "failed"),
     markers=("answered.parquet", "answered.jsonl"), worker=answer_worker, pool_key="evolver_actors",
     pool_label="evolver", next_input_fn=feed("answered"), reads_rows=True,
     command=Command("answer instructions with a provider", rank=20), outcomes=("answered",)))

@@ -18,6 +18,9 @@ from ..stage import Command, ReportSection, StageDef, register
 from ..workers import evolve_worker
 from .common import _begin, _check_accounted, _finish, _providers_fp, _say, feed
 
+#: row status -> the table it goes to
+ROUTES = {"evolved": "evolved", "failed": "failed"}
+
 
 def resolve_method(spec: str | None, config: JobConfig):
     from ..evolution.methods import load_method
@@ -33,8 +36,8 @@ def stage_evolve(ctx: JobContext, input_src: str | None, outdir: Path, method_sp
     if done is not None:
         return done
     write_text_atomic(outdir / "method.txt", method.text)
-    counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, {"evolved": "evolved", "failed": "failed"},
-                            cfg.ray.evolver_actors, extra={"method": method.to_dict()})
+    counts = run_pool_stage(ctx, "evolve", "evolve", input_path, outdir, ROUTES,
+                            STAGE.pool_size(cfg), extra={"method": method.to_dict()})
     _check_accounted("evolve", counts, ["evolved", "failed"])
     fmt = cfg.output.format
     from ..measures import write_evolve_measures
@@ -96,7 +99,7 @@ def _method_option(p) -> None:
 
 STAGE = register(StageDef(
     name="evolve", roles=("evol",), driver=stage_evolve, estimator=estimate_evolve,
-    routes={"evolved": "evolved", "failed": "failed"}, tables=("evolved", "failed"),
+    routes=ROUTES, tables=("evolved", "failed"),
     markers=("evolved.parquet", "evolved.jsonl"), worker=evolve_worker, pool_key="evolver_actors",
     pool_label="evolver", next_input_fn=feed("evolved"), takes=("method_spec",), reads_rows=True,
     report=ReportSection("evolution", "Evolution", _report, rank=30),

@@ -22,6 +22,9 @@ from ..stage import Command, ReportSection, StageDef, register
 from ..workers import judge_worker
 from .common import _finish, _providers_fp, _say, _skip
 
+#: row status -> the table it goes to
+ROUTES = {"judged": "judgments", "failed": "judgments"}
+
 
 def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     from ..io import iter_rows
@@ -45,8 +48,8 @@ def stage_judge(ctx: JobContext, outdir: Path) -> StageResult:
     pairs_path = outdir / "_pairs.parquet"
     pq.write_table(pa.Table.from_pylist(pairs), pairs_path, row_group_size=64)
     fmt = cfg.output.format
-    counts = stage_runner(ctx, "judge")(ctx, "judge", "judge", pairs_path, outdir, {"judged": "judgments", "failed": "judgments"},
-                            cfg.ray.judge_actors, schema=schema) if pairs else {"judgments": 0, "input": 0}
+    counts = stage_runner(ctx, "judge")(ctx, "judge", "judge", pairs_path, outdir, ROUTES,
+                                        STAGE.pool_size(cfg), schema=schema) if pairs else {"judgments": 0, "input": 0}
     pairs_path.unlink(missing_ok=True)
     # prompts only one side answered are reported as failed judgments, never dropped
     unmatched = []
@@ -95,7 +98,7 @@ def _report(ctx) -> str:
 
 STAGE = register(StageDef(
     name="judge", roles=("judge",), driver=_run, estimator=estimate_judge,
-    routes={"judged": "judgments", "failed": "judgments"}, tables=("judgments",),
+    routes=ROUTES, tables=("judgments",),
     markers=("summary.json", "judgments.parquet", "judgments.jsonl"), worker=judge_worker, pool_key="judge_actors",
     pool_label="judge", report=ReportSection("judge", "Judge: Win / Tie / Lose", _report, rank=40),
     command=Command("pairwise judge with the answer order swapped", with_input=False, rank=50),

@@ -29,7 +29,7 @@ def stage_optimize(ctx: JobContext, input_src: str | None, outdir: Path) -> Stag
         return done
     session = ctx.session()
     rows = _sample_rows(input_path, cfg.optimize.sample_size, cfg.optimize.seed)
-    pool = CandidatePool(session, min(cfg.ray.candidate_actors, cfg.optimize.candidates + 1))
+    pool = CandidatePool(session, STAGE.pool_size(cfg))
     _say(ctx, f"[optimize] {len(rows)} sampled rows, up to {cfg.optimize.steps} step(s), m={cfg.optimize.candidates}, "
               f"dev {cfg.optimize.dev_size}, {len(pool.actors)} candidate actor(s)")
 

@@ -25,6 +25,9 @@ from ..stage import Command, ReportSection, StageDef, register
 from ..workers import rate_worker
 from .common import _begin, _finish, _providers_fp, _say, feed
 
+#: row status -> the table it goes to
+ROUTES = {"kept": "kept", "rejected": "rejected", "failed": "failed"}
+
 
 def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
     """Rate with the threshold rule, applied to rows as they arrive: one pass, no intermediate file.
@@ -49,9 +52,8 @@ def _rate_threshold(ctx: JobContext, input_path: Path, outdir: Path, count_bucke
         return batch.set_column(batch.schema.get_field_index("status"), "status",
                                 pc.if_else(scored, verdict, status).cast(pa.string()))
 
-    return stage_runner(ctx, "rate")(ctx, "rate", "rate", input_path, outdir,
-                          {"kept": "kept", "rejected": "rejected", "failed": "failed"},
-                          cfg.ray.rater_actors, route=route)
+    return stage_runner(ctx, "rate")(ctx, "rate", "rate", input_path, outdir, ROUTES, STAGE.pool_size(cfg),
+                                     route=route)
 
 
 def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets, observe=None) -> dict[str, int]:
@@ -64,7 +66,7 @@ def _rate_budget(ctx: JobContext, input_path: Path, outdir: Path, count_buckets,
     cfg = ctx.config
     fmt = cfg.output.format
     counts = stage_runner(ctx, "rate")(ctx, "rate", "rate", input_path, outdir, {"scored": "_scored", "failed": "failed"},
-                            cfg.ray.rater_actors, formats={"_scored": "parquet"})
+                            STAGE.pool_size(cfg), formats={"_scored": "parquet"})
     scored_path = outdir / "_scored.parquet"
     scored_file = parquet_stream(scored_path) if scored_path.exists() else None
 
@@ -207,7 +209,7 @@ def _report(ctx) -> str:
 
 STAGE = register(StageDef(
     name="rate", roles=("rater",), driver=stage_rate, estimator=estimate_rate,
-    routes={"kept": "kept", "rejected": "rejected", "failed": "failed"},
+    routes=ROUTES,
     tables=("kept", "rejected", "failed", "random_baseline"), markers=("scores.json", "kept.parquet", "kept.jsonl"),
     worker=rate_worker, pool_key="rater_actors", pool_label="rater", next_input_fn=feed("kept"), reads_rows=True,
     report=ReportSection("scores", "Rating scores", _report, rank=10),
