@@ -131,29 +131,29 @@ def _keep_traceback(error: BaseException, log_path: Path | None) -> None:
         print(text, file=sys.stderr, end="")
 
 
-def outcome_words(stage: str) -> tuple[str, ...]:
-    """Words for a stage's row outcomes besides "failed", in the final line (the stage object's ``outcomes``)."""
+def _stage(name: str):
     from .stage import STAGES, load_builtin
 
     load_builtin()
-    return tuple(getattr(STAGES.get(stage), "outcomes", ()))
+    return STAGES.get(name)
+
+
+def outcome_words(stage: str) -> tuple[str, ...]:
+    """Words for a stage's row outcomes besides "failed", in the final line (the stage object's ``outcomes``)."""
+    return tuple(getattr(_stage(stage), "outcomes", ()))
 
 
 def stage_summary(result) -> str:
     c = result.counts
-    if result.stage == "optimize":
-        if "best_method_id" not in c:
-            return f"optimize {c.get('steps', 0)} step(s)"
-        return (f"optimize best method {c['best_method_id']} (failure rate {c.get('best_failure_rate', 0):.3f}, "
-                f"initial {c.get('initial_failure_rate', 0):.3f}) after {c.get('steps', 0)} step(s)")
+    st = _stage(result.stage)
+    if getattr(st, "summary_fn", None) is not None:  # a stage that counts something else than rows (optimize)
+        return st.summary_fn(c)
     by = c.get("by_status") or {}
     parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in outcome_words(result.stage)]
     parts.append(f"{c.get('failed', 0)} failed")
     text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
-    if result.stage == "rate":
-        from .stages import threshold_note
-
-        text += threshold_note(c)
+    if getattr(st, "note_fn", None) is not None:  # rate: the threshold a target size chose
+        text += st.note_fn(c)
     if c.get("budget_stopped"):
         text += f" ({c['budget_stopped']} not done: budget)"
     if result.failed_job:

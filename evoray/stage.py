@@ -88,7 +88,9 @@ class StageDef:
     * ``estimator(builder, st, rows, state) -> rows passed on`` (see :func:`evoray.estimate.estimate`),
       ``reads_rows``: the estimate needs input rows;
     * ``report``: its :class:`ReportSection` or None; ``command``: its subcommand or None;
-    * ``outcomes``: the words for its row outcomes besides "failed" in the final line.
+    * ``outcomes``: the words for its row outcomes besides "failed" in the final line,
+      ``note_fn(counts)`` text after them (rate's chosen threshold), or ``summary_fn(counts)`` the
+      stage's whole part of the final line (optimize, which counts steps, not rows).
     """
 
     name: str
@@ -110,6 +112,8 @@ class StageDef:
     report: ReportSection | None = None
     command: Command | None = None
     outcomes: tuple[str, ...] = ()
+    summary_fn: Callable[[dict], str] | None = None
+    note_fn: Callable[[dict], str] | None = None
 
     def run(self, ctx, input_src: str | None, outdir: Path, **options):
         return self.driver(ctx, input_src, outdir, **options)

@@ -70,6 +70,14 @@ def _sample_rows(path: Path, n: int, seed: int) -> list[dict]:
     return table.take(pa.array(idx)).to_pylist()
 
 
+def summary_line(c: dict) -> str:
+    """The optimize stage's part of the final line."""
+    if "best_method_id" not in c:
+        return f"optimize {c.get('steps', 0)} step(s)"
+    return (f"optimize best method {c['best_method_id']} (failure rate {c.get('best_failure_rate', 0):.3f}, "
+            f"initial {c.get('initial_failure_rate', 0):.3f}) after {c.get('steps', 0)} step(s)")
+
+
 def _best_method(result: StageResult, outdir: Path) -> dict:
     """The evolve stage after it uses the best method found."""
     return {"method_spec": result.outputs.get("best_method") or str(outdir / "best_method.txt")}
@@ -85,6 +93,6 @@ STAGE = register(StageDef(
     name="optimize", roles=("evol", "optimizer"), driver=stage_optimize, estimator=estimate_optimize,
     markers=("history.json", "best_method.txt"), pool_key="candidate_actors", pool_label="optimizer candidate",
     pool_sizer=lambda config: min(config.ray.candidate_actors, config.optimize.candidates + 1), ray_data=False,
-    hand_on_fn=_best_method, reads_rows=True,
+    hand_on_fn=_best_method, reads_rows=True, summary_fn=summary_line,
     report=ReportSection("optimization", "Optimization (Auto Evol-Instruct)", _report, rank=20),
     command=Command("Auto Evol-Instruct loop", rank=40)))

@@ -213,4 +213,5 @@ STAGE = register(StageDef(
     tables=("kept", "rejected", "failed", "random_baseline"), markers=("scores.json", "kept.parquet", "kept.jsonl"),
     worker=rate_worker, pool_key="rater_actors", pool_label="rater", next_input_fn=feed("kept"), reads_rows=True,
     report=ReportSection("scores", "Rating scores", _report, rank=10),
-    command=Command("AlpaGasus rating and filtering", rank=10), outcomes=("kept", "rejected")))
+    command=Command("AlpaGasus rating and filtering", rank=10), outcomes=("kept", "rejected"),
+    note_fn=threshold_note))
