@@ -121,7 +121,8 @@ def test_a_name_registered_twice_or_unknown_is_refused():
 
 def test_loading_the_registry_imports_no_ray():
     code = "import sys, evoray.stage as s; s.stage_names(); print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False", out.stderr
 
 
