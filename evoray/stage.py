@@ -143,7 +143,9 @@ _loaded = False
 
 
 def register(stage: Stage) -> Stage:
-    """Add ``stage`` to the registry; a name registered twice raises."""
+    """Add ``stage`` to the registry; a name registered twice raises. The built-in stages are loaded
+    first, so they keep their pipeline order and a new stage cannot take a built-in's name."""
+    load_builtin()
     if stage.name in STAGES:
         raise ValueError(f"stage '{stage.name}' registered twice")
     STAGES[stage.name] = stage
@@ -159,8 +161,12 @@ def load_builtin() -> None:
     """Import :mod:`evoray.stagedefs` once, which registers the built-in stages in pipeline order."""
     global _loaded
     if not _loaded:
-        _loaded = True
-        importlib.import_module(BUILTIN_PACKAGE)
+        _loaded = True  # set first: the built-in modules call register() while they load
+        try:
+            importlib.import_module(BUILTIN_PACKAGE)
+        except BaseException:
+            _loaded = False
+            raise
 
 
 def get_stage(name: str) -> Stage:
