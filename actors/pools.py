@@ -6,9 +6,9 @@ Its ``__call__`` is an async generator, so Ray Data feeds an actor several batch
 rows of all of them run concurrently on the actor's event loop, bounded by ``actor_concurrency``.
 
 The work itself is plain core code (``evoray.rating.Rater``, ``evoray.evolution.evolver.Evolver``,
-``evoray.judge.Judge`` …) chosen by stage name through :data:`STAGE_WORKERS`; the UDF only builds
-clients inside the actor (configs cross Ray, live clients never do), turns batches into row dicts
-and back, and ships the ledger to the job's gate. Rate-limit permits come from the key gates
+``evoray.judge.Judge`` …) chosen by stage name through the stage registry (``evoray.workers.lookup``);
+the UDF only builds clients inside the actor (configs cross Ray, live clients never do), turns
+batches into row dicts and back, and ships the ledger to the job's gate. Rate-limit permits come from the key gates
 (``actors.gate``), leased to each actor in small batches.
 
 Closing: the clients hold SDK HTTP sessions (aiohttp by default) bound to the actor's event loop.

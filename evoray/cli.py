@@ -18,7 +18,13 @@ from pathlib import Path
 
 from .errors import BudgetExceeded, EvorayError, RayLost, UsageError
 
-JOB_COMMANDS = ("rate", "judge", "answer", "evolve", "optimize", "run", "estimate")
+
+
+def job_commands() -> tuple[str, ...]:
+    """The commands that run a job from a config: every stage with a subcommand, ``run`` and ``estimate``."""
+    from .stage import stages
+
+    return tuple(s.name for s in stages() if getattr(s, "command", None) is not None) + ("run", "estimate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,14 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="keep only the first N valid rows")
     _level_args(p)
 
-    for name, helptext in [("rate", "AlpaGasus rating and filtering"), ("answer", "answer instructions with a provider"),
-                           ("evolve", "evolve instructions with one method"), ("optimize", "Auto Evol-Instruct loop")]:
-        p = sub.add_parser(name, help=helptext)
-        _job_args(p)
-        if name == "evolve":
-            p.add_argument("--method", help="method file (e.g. best_method.txt) or built-in name")
-    p = sub.add_parser("judge", help="pairwise judge with the answer order swapped")
-    _job_args(p, with_input=False)
+    from .stage import stages
+
+    for st in sorted((s for s in stages() if getattr(s, "command", None) is not None), key=lambda s: s.command.rank):
+        p = sub.add_parser(st.name, help=st.command.help)
+        _job_args(p, with_input=st.command.with_input)
+        if st.command.add_arguments is not None:
+            st.command.add_arguments(p)
     p = sub.add_parser("run", help="the stages under pipeline:, in order")
     _job_args(p)
     p = sub.add_parser("estimate", help="requests, tokens and dollars per stage; sends nothing")

@@ -61,7 +61,8 @@ def cmd_job(args) -> int:
     from .console import QUIET, VERBOSE, level_of
     from .jobs import JobContext
     from .resources import job_stages
-    from .stages import run_pipeline, stage_answer, stage_evolve, stage_judge, stage_optimize, stage_rate
+    from .stage import get_stage, stage_names
+    from .stages import run_pipeline
 
     cfg = load_config(args)
     cmd = args.command
@@ -82,20 +83,14 @@ def cmd_job(args) -> int:
     error: BaseException | None = None
     report = None
     try:
-        if cmd == "rate":
-            stage_rate(ctx, cfg.input.path, outdir)
-        elif cmd == "evolve":
-            stage_evolve(ctx, cfg.input.path, outdir, getattr(args, "method", None))
-        elif cmd == "answer":
-            stage_answer(ctx, cfg.input.path, outdir)
-        elif cmd == "judge":
-            stage_judge(ctx, outdir)
-        elif cmd == "optimize":
-            stage_optimize(ctx, cfg.input.path, outdir)
-        elif cmd == "run":
+        if cmd == "run":
             run_pipeline(ctx, outdir, cfg.input.path)
-        else:  # pragma: no cover
-            raise UsageError(f"unknown command {cmd}")
+        else:  # a stage's own command (the parser offers the registered stages that have one)
+            stage = get_stage(cmd) if cmd in stage_names() else None
+            if stage is None or getattr(stage, "command", None) is None:  # pragma: no cover
+                raise UsageError(f"unknown command {cmd}")
+            options = stage.command.options(args) if stage.command.options is not None else {}
+            stage.run(ctx, cfg.input.path, outdir, **options)
     except BaseException as e:
         lost = ctx.as_ray_loss(e)
         error = lost if lost is not None else e
@@ -136,25 +131,29 @@ def _keep_traceback(error: BaseException, log_path: Path | None) -> None:
         print(text, file=sys.stderr, end="")
 
 
-#: words for a stage's row outcomes besides "failed", in the final line
-OUTCOME_WORDS = {"rate": ("kept", "rejected"), "evolve": ("evolved",), "answer": ("answered",), "judge": ("judged",)}
+def _stage(name: str):
+    from .stage import STAGES, load_builtin
+
+    load_builtin()
+    return STAGES.get(name)
+
+
+def outcome_words(stage: str) -> tuple[str, ...]:
+    """Words for a stage's row outcomes besides "failed", in the final line (the stage object's ``outcomes``)."""
+    return tuple(getattr(_stage(stage), "outcomes", ()))
 
 
 def stage_summary(result) -> str:
     c = result.counts
-    if result.stage == "optimize":
-        if "best_method_id" not in c:
-            return f"optimize {c.get('steps', 0)} step(s)"
-        return (f"optimize best method {c['best_method_id']} (failure rate {c.get('best_failure_rate', 0):.3f}, "
-                f"initial {c.get('initial_failure_rate', 0):.3f}) after {c.get('steps', 0)} step(s)")
+    st = _stage(result.stage)
+    if getattr(st, "summary_fn", None) is not None:  # a stage that counts something else than rows (optimize)
+        return st.summary_fn(c)
     by = c.get("by_status") or {}
-    parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in OUTCOME_WORDS.get(result.stage, ())]
+    parts = [f"{c.get(w, by.get(w, 0))} {w}" for w in outcome_words(result.stage)]
     parts.append(f"{c.get('failed', 0)} failed")
     text = f"{result.stage} " + ", ".join(parts) + f" of {c.get('input', '?')}"
-    if result.stage == "rate":
-        from .stages import threshold_note
-
-        text += threshold_note(c)
+    if getattr(st, "note_fn", None) is not None:  # rate: the threshold a target size chose
+        text += st.note_fn(c)
     if c.get("budget_stopped"):
         text += f" ({c['budget_stopped']} not done: budget)"
     if result.failed_job:

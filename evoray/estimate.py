@@ -80,16 +80,6 @@ OUTPUT_FRACTION = 0.5
 """Assumed share of ``max_tokens`` each reply uses."""
 
 
-# Stage -> the roles that serve it (kept in step with evoray.workers / the optimizer).
-STAGE_ROLES: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "optimize": ("evol", "optimizer"),
-    "evolve": ("evol",),
-    "answer": ("answer",),
-    "rate": ("rater",),
-    "judge": ("judge",),
-}
-
 _TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
 _FILLER_WORD = " the"  # one token in the OpenAI encodings, and 4 characters = 1 approximate token
 
@@ -502,11 +492,14 @@ def estimate(config: JobConfig, input_path: str | None = None, stages: Sequence[
     ``evolve.method`` (``evoray evolve --method``). Raises :class:`~evoray.errors.UsageError` when a
     stage needs input rows and there is no input.
     """
+    from .stage import get_stage, stage_names
+
     stages = list(stages) if stages is not None else list(config.pipeline)
-    unknown = [s for s in stages if s not in STAGE_ROLES]
+    known = stage_names()
+    unknown = [s for s in stages if s not in known]
     if unknown:
-        raise UsageError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGE_ROLES)})")
-    needs_input = any(s in ("optimize", "evolve", "answer", "rate") for s in stages)
+        raise UsageError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(known)})")
+    needs_input = any(get_stage(s).reads_rows for s in stages)
     path = input_path or config.input.path
     rows: _Rows | None = None
     if path:
@@ -514,34 +507,69 @@ def estimate(config: JobConfig, input_path: str | None = None, stages: Sequence[
     elif needs_input:
         raise UsageError("no input rows to estimate: set input.path in the config or pass -i INPUT")
 
-    b = _Builder(config, method)
+    state = EstimateState(_Builder(config, method), rows)
     out: list[StageEstimate] = []
     current = rows  # the rows the next row-consuming stage receives
-    seen_optimize = False
     for stage in stages:
         st = StageEstimate(stage, current.count if current is not None else 0, mode=config.stage_mode(stage))
-        stage_input = current
-        if stage == "ingest":
-            st.notes.append("reads and writes data only")
-        elif stage == "optimize":
-            b.optimize(st, current)
-            seen_optimize = True
-        elif stage == "evolve":
-            b.evolve(st, current, seen_optimize)
-            current = _passed_on(current, _out(config.evolve.answer_max_tokens) if config.evolve.answer else 0,
-                                 _out(config.evolve.max_tokens))
-        elif stage == "answer":
-            b.answer(st, current)
-            current = _passed_on(current, _out(config.answer.max_tokens))
-        elif stage == "rate":
-            b.rate(st, current)
-            st.notes.append("later stages get at most the rows rated (the kept rows)")
-        elif stage == "judge":
-            b.judge(st, current)
-        if stage in ("rate", "answer", "evolve") and stage_input is not rows and stage_input is not None:
-            st.notes.append("rows come from an earlier stage's output: sample rows with texts of the expected length")
+        current = get_stage(stage).estimate(state.builder, st, current, state)
+        state.seen.append(stage)
         out.append(st)
     return out
+
+
+@dataclass
+class EstimateState:
+    """What a stage's estimate may read besides its own rows: the builder (prices, counters), the
+    job's input rows and the stages estimated before it."""
+
+    builder: _Builder
+    rows: _Rows | None
+    seen: list[str] = field(default_factory=list)
+
+
+def _note_passed_on(st: StageEstimate, stage_input: _Rows | None, state: EstimateState) -> None:
+    if stage_input is not state.rows and stage_input is not None:
+        st.notes.append("rows come from an earlier stage's output: sample rows with texts of the expected length")
+
+
+# ---- the stages' estimates (each stage object delegates here: evoray.stagedefs) ----------------------------
+
+def estimate_ingest(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    st.notes.append("reads and writes data only")
+    return rows
+
+
+def estimate_optimize(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    b.optimize(st, rows)
+    return rows
+
+
+def estimate_evolve(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    c = b.config.evolve
+    b.evolve(st, rows, "optimize" in state.seen)
+    out = _passed_on(rows, _out(c.answer_max_tokens) if c.answer else 0, _out(c.max_tokens))
+    _note_passed_on(st, rows, state)
+    return out
+
+
+def estimate_answer(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    b.answer(st, rows)
+    out = _passed_on(rows, _out(b.config.answer.max_tokens))
+    _note_passed_on(st, rows, state)
+    return out
+
+
+def estimate_rate(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    b.rate(st, rows)
+    st.notes.append("later stages get at most the rows rated (the kept rows)")
+    _note_passed_on(st, rows, state)
+    return rows
+
+
+def estimate_judge(b: _Builder, st: StageEstimate, rows: _Rows | None, state: EstimateState) -> _Rows | None:
+    b.judge(st, rows)
+    return rows
 
 
 # ---- printing ---------------------------------------------------------------------------------------------

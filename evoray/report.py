@@ -29,26 +29,33 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from .io import write_text_atomic
 
 REPORT_NAME = "report.html"
-STAGE_ORDER = ("ingest", "optimize", "evolve", "answer", "rate", "judge")
 EXAMPLES = 3  # rows shown per example table
 TEXT_CHARS = 500  # longer texts are cut in examples
 
-# The files that show a folder holds a stage's outputs.
-_STAGE_MARKERS: dict[str, tuple[str, ...]] = {
-    "optimize": ("history.json", "best_method.txt"),
-    "evolve": ("evolved.parquet", "evolved.jsonl"),
-    "answer": ("answered.parquet", "answered.jsonl"),
-    "rate": ("scores.json", "kept.parquet", "kept.jsonl"),
-    "judge": ("summary.json", "judgments.parquet", "judgments.jsonl"),
-}
-_STAGE_TABLES: dict[str, tuple[str, ...]] = {
-    "optimize": (),
-    "evolve": ("evolved", "failed"),
-    "answer": ("answered", "failed"),
-    "rate": ("kept", "rejected", "failed", "random_baseline"),
-    "judge": ("judgments",),
-    "ingest": (),
-}
+# The stages, their marker files (the files that show a folder holds a stage's outputs), their tables
+# and their report sections come from the stage registry (evoray.stage): one object per stage.
+
+def _stage(name: str):
+    from .stage import STAGES, load_builtin
+
+    load_builtin()
+    return STAGES.get(name)
+
+
+def stage_order() -> tuple[str, ...]:
+    """The registered stages in pipeline order (ingest, optimize, evolve, answer, rate, judge, ...)."""
+    from .stage import stage_names
+
+    return stage_names()
+
+
+def _stage_markers(stage: str) -> tuple[str, ...]:
+    return tuple(getattr(_stage(stage), "markers", ()))
+
+
+def _stage_tables(stage: str) -> tuple[str, ...]:
+    return tuple(getattr(_stage(stage), "tables", ()))
+
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;color:#222;line-height:1.45}
@@ -185,7 +192,7 @@ def _column(path: Path, name: str) -> list[Any]:
 
 
 def _looks_like(directory: Path, stage: str) -> bool:
-    return any((directory / m).is_file() for m in _STAGE_MARKERS.get(stage, ()))
+    return any((directory / m).is_file() for m in _stage_markers(stage))
 
 
 def find_stages(outdir: str | Path) -> dict[str, Path]:
@@ -193,7 +200,7 @@ def find_stages(outdir: str | Path) -> dict[str, Path]:
     when it holds that stage's files (a single-stage command)."""
     out = Path(outdir)
     found: dict[str, Path] = {}
-    for stage in STAGE_ORDER:
+    for stage in stage_order():
         sub = out / stage
         if sub.is_dir() and (_looks_like(sub, stage) or any(sub.iterdir())):
             found[stage] = sub
@@ -238,7 +245,7 @@ def _section_summary(ctx: _Ctx) -> str:
             except (OSError, ValueError):
                 status = "stopped"
         counts = []
-        for name in _STAGE_TABLES.get(stage, ()):
+        for name in _stage_tables(stage):
             t = _find_table(d, name)
             if t is not None:
                 counts.append(f"{name}: {_count_rows(t):,}")
@@ -575,14 +582,24 @@ def _section_ledger(ctx: _Ctx) -> str:
     return "".join(parts)
 
 
-SECTIONS: tuple[tuple[str, str, Callable[[_Ctx], str]], ...] = (
-    ("summary", "Summary", _section_summary),
-    ("scores", "Rating scores", _section_scores),
-    ("optimization", "Optimization (Auto Evol-Instruct)", _section_optimization),
-    ("evolution", "Evolution", _section_evolution),
-    ("judge", "Judge: Win / Tie / Lose", _section_judge),
-    ("ledger", "Ledger: requests, tokens and dollars", _section_ledger),
-)
+def sections() -> tuple[tuple[str, str, Callable[[_Ctx], str]], ...]:
+    """``(id, title, build)`` of every section: the summary, each stage's own section (the stage
+    objects' ``report``, ordered by their rank: scores, optimization, evolution, judge), the ledger."""
+    from .stage import stages
+
+    own = sorted((r for r in (getattr(s, "report", None) for s in stages()) if r is not None), key=lambda r: r.rank)
+    return (("summary", "Summary", _section_summary), *((r.id, r.title, r.build) for r in own),
+            ("ledger", "Ledger: requests, tokens and dollars", _section_ledger))
+
+
+def __getattr__(name: str):
+    # SECTIONS and STAGE_ORDER as module attributes, read from the registry when asked for (the stage
+    # modules build their sections from this module's builders, so not at import time)
+    if name == "SECTIONS":
+        return sections()
+    if name == "STAGE_ORDER":
+        return stage_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def render_report(outdir: str | Path) -> str:
@@ -591,13 +608,14 @@ def render_report(outdir: str | Path) -> str:
     with tempfile.TemporaryDirectory(prefix="evoray-report-") as scratch:
         ctx = _Ctx(out, Path(scratch))
         bodies = []
-        for sid, title, build in SECTIONS:
+        all_sections = sections()
+        for sid, title, build in all_sections:
             try:
                 body = build(ctx)
             except Exception as e:  # one unreadable file must not lose the whole report
                 body = f'<p class="warn">This section could not be built: {esc(type(e).__name__)}: {esc(e)}</p>'
             bodies.append(f'<section id="{sid}"><h2>{esc(title)}</h2>{body}</section>')
-    nav = "".join(f'<a href="#{sid}">{esc(title.split(":")[0])}</a>' for sid, title, _ in SECTIONS)
+    nav = "".join(f'<a href="#{sid}">{esc(title.split(":")[0])}</a>' for sid, title, _ in all_sections)
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

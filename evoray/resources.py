@@ -5,7 +5,8 @@ What a stage holds at once on a Ray cluster:
 * the local-model replicas of every ``kind: local`` provider the job's roles use: ``replicas x
   num_cpus`` each, for the whole job (each replica also needs a node with that many CPUs);
 * the stage's pool of API-bound actors: pool size x ``ray.actor_num_cpus`` (raters for rate,
-  evolvers for evolve and answer, judges for judge, candidates for optimize);
+  evolvers for evolve and answer, judges for judge, candidates for optimize: each stage object's
+  ``pool_key``, :mod:`evoray.stage`);
 * Ray Data's tasks that feed a pool: the chunked Parquet reads ask 0.25 CPU, the repartition into
   pool-sized blocks asks Ray Data's default of 1 CPU (``Dataset.repartition`` takes no resource
   arguments), so a pool stage needs 1 free CPU besides its actors. The optimizer's candidates are
@@ -28,8 +29,6 @@ from .providers import runs_locally
 
 #: CPUs Ray Data's largest task in a pool stage asks for (the repartition, Ray Data's default)
 RAY_DATA_TASK_CPUS = 1.0
-POOL_STAGES = {"rate": ("rater_actors", "rater"), "evolve": ("evolver_actors", "evolver"),
-               "answer": ("evolver_actors", "evolver"), "judge": ("judge_actors", "judge")}
 
 
 @dataclass
@@ -51,15 +50,19 @@ def replica_parts(config: JobConfig) -> list[Part]:
 
 
 def stage_parts(config: JobConfig, stage: str) -> list[Part]:
-    r = config.ray
-    if stage == "optimize":
-        n = min(r.candidate_actors, config.optimize.candidates + 1)
-        return [Part(f"{n} optimizer candidate actor(s) (ray.candidate_actors x ray.actor_num_cpus {r.actor_num_cpus:g})",
-                     n * r.actor_num_cpus)]
-    if stage not in POOL_STAGES:
+    from .stage import STAGES, load_builtin
+
+    load_builtin()
+    st = STAGES.get(stage)
+    key = getattr(st, "pool_key", None)
+    if key is None:
         return []
-    key, label = POOL_STAGES[stage]
-    n = getattr(r, key)
+    r = config.ray
+    n = st.pool_size(config) if hasattr(st, "pool_size") else getattr(r, key)
+    label = getattr(st, "pool_label", "") or stage
+    if not getattr(st, "ray_data", True):  # plain actors (optimize's candidates), no Ray Data tasks
+        return [Part(f"{n} {label} actor(s) (ray.{key} x ray.actor_num_cpus {r.actor_num_cpus:g})",
+                     n * r.actor_num_cpus)]
     return [Part(f"{n} {label} actor(s) (ray.{key} {n} x ray.actor_num_cpus {r.actor_num_cpus:g})", n * r.actor_num_cpus),
             Part("Ray Data's read and repartition tasks", RAY_DATA_TASK_CPUS)]
 

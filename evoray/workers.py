@@ -1,41 +1,35 @@
 """Stage workers: what one pool actor does to one row, by stage name.
 
-A registry (STYLE habit 2): ``register_stage(name, roles)`` decorates a factory
-``factory(config, clients, extra) -> async fn(row) -> result row``; registering a name twice
-raises, and an unknown name lists the known ones. The Ray pool (``actors.pools.StageUDF``) and the
-in-process runner (tests) both look workers up here, so the per-row logic is the same code with or
-without Ray.
+Each worker is a factory ``factory(config, clients, extra) -> async fn(row) -> result row``; a
+stage object (:mod:`evoray.stage`) names its factory and its roles, and :func:`lookup` finds them
+through the stage registry (an unknown name lists the known ones). The Ray pool
+(``actors.pools.StageUDF``) and the in-process runner (tests, batch mode) both look workers up
+here, so the per-row logic is the same code with or without Ray.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-STAGE_WORKERS: dict[str, tuple[list[str], Callable[..., Any]]] = {}
-
-
-def register_stage(name: str, roles: list[str]):
-    def deco(factory):
-        if name in STAGE_WORKERS:
-            raise ValueError(f"stage worker '{name}' registered twice")
-        STAGE_WORKERS[name] = (roles, factory)
-        return factory
-
-    return deco
-
 
 def lookup(name: str):
-    if name not in STAGE_WORKERS:
-        raise KeyError(f"unknown stage worker '{name}' (known: {', '.join(sorted(STAGE_WORKERS))})")
-    return STAGE_WORKERS[name]
+    """``(roles, factory)`` of the stage ``name``'s per-row worker."""
+    from .stage import STAGES, get_stage
+
+    try:
+        stage = get_stage(name)
+    except KeyError:
+        stage = None
+    factory = getattr(stage, "worker", None)
+    if factory is None:
+        known = sorted(n for n, s in STAGES.items() if getattr(s, "worker", None) is not None)
+        raise KeyError(f"unknown stage worker '{name}' (known: {', '.join(known)})")
+    return list(stage.roles), factory
 
 
 def _supports_schema(clients, role: str) -> bool:
     return all(p.supports_json_schema for p in clients[role].providers.values())
 
 
-@register_stage("rate", ["rater"])
-def _rate(config, clients, extra):
+def rate_worker(config, clients, extra):
     from .rating import Rater
 
     if config.rate.ensemble == "all":
@@ -54,8 +48,7 @@ def _rate(config, clients, extra):
     return rater.rate
 
 
-@register_stage("evolve", ["evol"])
-def _evolve(config, clients, extra):
+def evolve_worker(config, clients, extra):
     from .evolution.evolver import Evolver
     from .evolution.methods import Method
 
@@ -64,15 +57,13 @@ def _evolve(config, clients, extra):
     return evolver.evolve_row
 
 
-@register_stage("answer", ["answer"])
-def _answer(config, clients, extra):
+def answer_worker(config, clients, extra):
     from .answer import Answerer
 
     return Answerer(clients["answer"], config.answer).answer
 
 
-@register_stage("judge", ["judge"])
-def _judge(config, clients, extra):
+def judge_worker(config, clients, extra):
     from .judge import JUDGMENT_SCHEMA, Judge
 
     import pyarrow as pa

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from evoray import stages
+from evoray.stagedefs import rate as rate_stage  # the rate stage's module (its driver and selection)
 from evoray.config import JobConfig, RateConfig
 from evoray.ensemble import (EnsembleRater, EnsembleStats, combine, fleiss_kappa, integer_bucket, per_rater_scores,
                              ranks, spearman)
@@ -188,11 +188,11 @@ def _ensemble_rows():
 def test_stage_feeds_the_stats_and_report_shows_disagreements(tmp_path, monkeypatch):
     from evoray.report import _ensemble_html
 
-    monkeypatch.setattr(stages, "stage_runner", _fake_runner(_ensemble_rows()))
+    monkeypatch.setattr(rate_stage, "stage_runner", _fake_runner(_ensemble_rows()))
     cfg = _cfg(ensemble="all", ensemble_rule="min", target_rows=2)
     cfg.ray.rater_actors = 1
     st = EnsembleStats(["a", "b"], "min")
-    counts = stages._rate_budget(SimpleNamespace(config=cfg), tmp_path / "in.parquet", tmp_path, lambda s: None,
+    counts = rate_stage._rate_budget(SimpleNamespace(config=cfg), tmp_path / "in.parquet", tmp_path, lambda s: None,
                                  st.add_table)
     assert counts["kept"] == 2 and counts["threshold_chosen"] == 4.5
     d = st.to_dict()

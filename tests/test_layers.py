@@ -22,9 +22,10 @@ LAYERS: dict[int, tuple[str, tuple[str, ...]]] = {
     2: ("data", ("evoray.io", "evoray.sinks", "evoray.seen", "evoray.export")),
     3: ("methods", ("evoray.prompts", "evoray.parsing", "evoray.rating", "evoray.selection", "evoray.judge",
                     "evoray.evolution", "evoray.answer", "evoray.ensemble", "evoray.measures", "evoray.plots")),
-    4: ("stage parts", ("evoray.workers", "evoray.runtime", "evoray.estimate", "evoray.report", "evoray.resources",
+    4: ("stage parts", ("evoray.stage", "evoray.workers", "evoray.runtime", "evoray.estimate", "evoray.report", "evoray.resources",
                         "evoray.docs")),
-    5: ("ray", ("actors", "evoray.raydata", "evoray.console", "evoray.jobs", "evoray.stages", "evoray.batch_stage")),
+    5: ("ray", ("actors", "evoray.raydata", "evoray.console", "evoray.jobs", "evoray.stages", "evoray.stagedefs",
+                "evoray.batch_stage")),
     6: ("cluster", ("cluster",)),
     7: ("cli", ("evoray.cli", "evoray.commands")),
 }
@@ -33,6 +34,9 @@ RAY_LAYER = 5
 #: class (key variable, base_url, structured-output modes), looked up in the providers' registry
 #: inside the validator, since the providers themselves are built from the config
 ALLOWED = {("evoray.config", "evoray.providers")}
+#: evoray.stage (stage parts) loads the built-in stages (evoray.stagedefs, Ray layer: their drivers run
+#: pools) by name with importlib the first time its registry is read, like an entry point; that is not
+#: an import edge, and test_stage_registry checks the load pulls no Ray in
 #: test helpers (fake servers, scripted providers) are not part of the product's layering
 EXEMPT = ("evoray.testing",)
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 
-from evoray import stages
+from evoray.stagedefs import rate as rate_stage  # the rate stage's module (its driver and selection)
 from evoray.commands import stage_summary
 from evoray.config import RateConfig
 from evoray.jobs import StageResult
@@ -39,28 +39,28 @@ def _ctx(**rate):
                                           ({"target_rows": 6}, 6, 4.0), ({"target_rows": 100}, 8, 2.0),
                                           ({"target_rows": 0}, 0, None)])
 def test_rate_target_size_keeps_exactly_the_target(tmp_path, monkeypatch, rate, kept, thr):
-    monkeypatch.setattr(stages, "stage_runner", _fake_runner(SCORES))
+    monkeypatch.setattr(rate_stage, "stage_runner", _fake_runner(SCORES))
     seen = []
-    counts = stages._rate_budget(_ctx(**rate), tmp_path / "in.parquet", tmp_path, seen.append)
+    counts = rate_stage._rate_budget(_ctx(**rate), tmp_path / "in.parquet", tmp_path, seen.append)
     assert counts["kept"] == kept and counts["rejected"] == len(SCORES) - kept
     assert counts["threshold_chosen"] == thr
     k = pq.read_table(tmp_path / "kept.parquet").column("score").to_pylist()
     assert len(k) == kept and (thr is None or min(k) == thr)
-    fields = stages._target_fields(_ctx(**rate).config.rate, counts)
+    fields = rate_stage._target_fields(_ctx(**rate).config.rate, counts)
     assert fields["threshold_chosen"] == thr and json.dumps(fields)
     if rate == {"target_rows": 3}:
         assert counts["rows_on_threshold"] == 4 and counts["rows_on_threshold_kept"] == 2
-        note = stages.threshold_note(counts)
+        note = rate_stage.threshold_note(counts)
         assert "threshold 4.5 chosen for the target; 2 of 4 rows on it kept" in note
         line = stage_summary(StageResult("rate", tmp_path, counts, {}))
         assert line.startswith("rate 3 kept, 5 rejected, 1 failed of 9 (threshold 4.5 chosen")
 
 
 def test_top_k_reports_no_chosen_threshold(tmp_path, monkeypatch):
-    monkeypatch.setattr(stages, "stage_runner", _fake_runner(SCORES))
-    counts = stages._rate_budget(_ctx(top_k=3), tmp_path / "in.parquet", tmp_path, lambda s: None)
+    monkeypatch.setattr(rate_stage, "stage_runner", _fake_runner(SCORES))
+    counts = rate_stage._rate_budget(_ctx(top_k=3), tmp_path / "in.parquet", tmp_path, lambda s: None)
     assert counts["kept"] == 3 and "threshold_chosen" not in counts
-    assert stages.threshold_note(counts) == ""
+    assert rate_stage.threshold_note(counts) == ""
 
 
 @pytest.mark.parametrize("bad", [{"target_rows": 3, "target_fraction": 0.1}, {"top_k": 3, "target_rows": 3},
@@ -84,6 +84,6 @@ def test_rate_fingerprint_unchanged_by_the_new_keys_at_their_defaults():
     base = RateConfig().model_dump()
     for k in ("target_rows", "target_fraction", "ensemble", "ensemble_rule"):
         base.pop(k)
-    assert stages.rate_fingerprint(RateConfig()) == base
-    assert stages.rate_fingerprint(RateConfig(target_rows=5))["target_rows"] == 5
-    assert stages.rate_fingerprint(RateConfig(ensemble_rule="min"))["ensemble_rule"] == "min"
+    assert rate_stage.rate_fingerprint(RateConfig()) == base
+    assert rate_stage.rate_fingerprint(RateConfig(target_rows=5))["target_rows"] == 5
+    assert rate_stage.rate_fingerprint(RateConfig(ensemble_rule="min"))["ensemble_rule"] == "min"
