@@ -1164,6 +1164,9 @@ class FakeLLMServer:
         resp.content_type = "application/json"
         resp.content_length = len(body)
         await resp.prepare(request)
+        # counted before the first byte: with a Content-Length the client is done at the last chunk,
+        # possibly before this coroutine runs again
+        self._count("trickled")
         step = max(1, len(body) // 10)
         for i in range(0, len(body), step):
             await resp.write(body[i:i + step])
@@ -1173,7 +1176,6 @@ class FakeLLMServer:
                     await asyncio.wait_for(self._stopping.wait(), timeout=seconds / 10)
                 except asyncio.TimeoutError:
                     pass
-        self._count("trickled")
         await resp.write_eof()
         return resp
 
