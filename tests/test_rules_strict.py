@@ -121,6 +121,8 @@ def test_garbage_seen_from_the_embedded_model_fails_strict_not_paper(evolved):
     ("echoed_markers", GSM, GSM + " Use { instruction } as input.", None),
     ("degenerate_instruction", "Name a color.", "The of and?", None),
     ("degenerate_instruction", "Name a color.", "albert", None),
+    ("unchanged", GSM, GSM, None),
+    ("unchanged", GSM, "  " + GSM.upper().replace(",", "") + "  ", None),
     ("information_loss", GSM, "How many clips did she sell?", None),
     ("information_loss", GSM, "Write a poem about the ocean at night, in the style of a sea shanty, with rhymes.",
      None),

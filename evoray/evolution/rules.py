@@ -38,6 +38,10 @@ garbage the paper rules let through (a small model "evolving" a GSM8K problem in
 * ``echoed_markers`` (instruction) - the method's ``#...#`` markers, its ``<<<...>>>`` delimiters,
   the slot or the stock phrases, matched loosely (any case, any spacing, ``#``/``<``/``>``/``*``
   dropped), or the bare ``<<<``/``>>>`` fences, that the original did not contain;
+* ``unchanged`` (instruction) - the evolved instruction has exactly the original's words in the
+  same order (case, spacing and punctuation aside): the plainest no-information-gain case, which a
+  weak evol LLM's own Equal verdict was seen to miss (the 135M model returned GSM8K problems as
+  they were and judged them not Equal);
 * ``not_a_request`` (instruction) - the original asks for something (a ``?`` or one of
   :data:`REQUEST_WORDS`) and the evolved instruction does not: a statement such as "The movie is
   a must for a family ..." or a list of the problem's facts without its question;
@@ -221,6 +225,10 @@ def _information_loss(case: Case) -> bool:
     return kept < MIN_CONTENT_OVERLAP * len(content)
 
 
+def _unchanged(case: Case) -> bool:
+    return _words(case.evolved) == _words(case.original)
+
+
 def _degenerate_instruction(case: Case) -> bool:
     words = _words(case.evolved)
     return len(words) < MIN_EVOLVED_WORDS or all(w in STOP_WORDS for w in words)
@@ -311,6 +319,9 @@ RULES.register(Rule("degenerate_instruction", "instruction",
 RULES.register(Rule("echoed_markers", "instruction",
                     "evolved instruction echoes the method's markers, delimiters or slot (any case, spacing or #)",
                     test=_echoed_markers))
+RULES.register(Rule("unchanged", "instruction",
+                    "evolved instruction has the original's words, in order (case, spacing and punctuation aside)",
+                    test=_unchanged))
 RULES.register(Rule("not_a_request", "instruction",
                     "the original asks for something (a ? or a request word) and the evolved instruction does not",
                     test=_not_a_request))
@@ -322,8 +333,8 @@ RULES.register(Rule("asks_back", "answer",
 PAPER_RULES = ("understood_question", "sure_question", "please_provide", "sorry_short", "punctuation_only",
                "copied_method", "no_information_gain")
 #: the paper rules plus evoray's cheap checks (the default)
-STRICT_RULES = PAPER_RULES[:-1] + ("echoed_markers", "degenerate_instruction", "information_loss", "not_a_request",
-                                   "asks_back", "no_information_gain")
+STRICT_RULES = PAPER_RULES[:-1] + ("echoed_markers", "degenerate_instruction", "unchanged", "information_loss",
+                                   "not_a_request", "asks_back", "no_information_gain")
 RULE_SETS = {"paper": PAPER_RULES, "strict": STRICT_RULES}
 DEFAULT_RULES = STRICT_RULES
 
