@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.bench_smoke
 
 EXPECTED = {
-    "B1": ["evoray achieved rpm / limit", "evoray 429 share", "peer (a) 429 share", "peer (b) 429 share"],
+    "B1": ["evoray achieved rpm / limit", "evoray 429 share", "peer (a) 429 share", "peer (b) 429 share",
+           "peer (c) 429 share"],
     "B1x": ["two jobs on one key, combined rpm / limit", "two jobs on one key, 429 share"],
     "B1a": ["silent, settled rpm / real limit", "headers, settled rpm / real limit"],
     "B2": ["aggregate rate / R"],
